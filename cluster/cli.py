@@ -1,0 +1,84 @@
+"""The `rayinfer` command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rayinfer.configs import EngineConfig
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    fields = EngineConfig.model_fields
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the built-in tiny model)")
+    for name, info in fields.items():
+        if name == "model":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if info.annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            group.add_argument(flag, dest=name, default=None, help=info.description)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    kwargs = {}
+    for name in EngineConfig.model_fields:
+        value = getattr(args, name, None)
+        if name != "model" and value is not None:
+            kwargs[name] = value
+    return kwargs
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from rayinfer.cluster.llm import LLM
+    from rayinfer.scheduler.sampling_params import SamplingParams
+
+    prompts = list(args.prompts)
+    if args.prompts_file:
+        prompts += [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+    if not prompts:
+        print("rayinfer generate: give prompts as arguments or with --prompts-file", file=sys.stderr)
+        return 2
+    llm = LLM(args.model, **_engine_kwargs(args))
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.sampling_seed
+    )
+    for output in llm.generate(prompts, params, use_tqdm=False):
+        completion = output.outputs[0]
+        print(f"--- prompt: {output.prompt!r}")
+        print(f"{output.prompt}{completion.text}")
+        print(f"[{len(completion.token_ids)} tokens, finish_reason={completion.finish_reason}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayinfer", description="LLM inference and serving on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+    generate = commands.add_parser("generate", help="offline generation for prompts given as arguments or in a file")
+    generate.add_argument("prompts", nargs="*", help="prompts to complete")
+    generate.add_argument("--prompts-file", help="a file with one prompt per line")
+    generate.add_argument("--max-tokens", type=int, default=32)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--sampling-seed", dest="sampling_seed", type=int, default=None)
+    _add_engine_args(generate)
+    generate.set_defaults(handler=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as exc:
+        print(f"rayinfer: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

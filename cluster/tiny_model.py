@@ -1,0 +1,270 @@
+"""Built-in tiny checkpoints: a real byte-level BPE tokenizer and random-weight Llama/Mistral/Qwen2 models.
+
+Everything is built offline and deterministically, so tests and examples never need the model hub and the same
+arguments always give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # transformers is heavy; import it only when a checkpoint is actually built
+    from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2")
+
+BOS, EOS, PAD = "<s>", "</s>", "<pad>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = (BOS, EOS, PAD, *ROLE_TOKENS)  # ids 0..5, in this order
+TINY_VOCAB_SIZE = 512
+
+# Roles are checked so a bad message fails loudly; the assistant turn ends with EOS so generation stops there.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role'] + ' (expected system, user or assistant)') }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+_PARAGRAPHS = """\
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+Once upon a time, in a small village by the sea, there lived an old fisherman and his curious daughter.
+Every morning she walked to the harbor, counted the boats, and wrote their names in a little blue notebook.
+Machine learning models turn text into tokens, tokens into vectors, and vectors back into words.
+An inference engine schedules requests, batches them together, and keeps a cache of keys and values.
+Paged attention stores the cache in fixed-size blocks, so memory is shared and never wasted.
+What is the capital of France? Paris is the capital of France, and Berlin is the capital of Germany.
+How many legs does a spider have? A spider has eight legs; an insect has six.
+Please write a short poem about the moon. The moon is bright tonight, silver over the quiet hills.
+def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5
+for i in range(10): total += i * i
+{"name": "Alice", "age": 30, "city": "London"} [1, 2, 3, 4, 5] (x + y) * z = 42
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 2024 3.14159 -7 +12 50% $19.99 #1 @home
+Punctuation!? Yes... no; maybe: "quoted" 'single' (paren) [bracket] {brace} <angle> a/b a\\b a|b ~tilde `tick`
+She said, "I'm sure it's fine," but he wasn't convinced. They'd left before we'd arrived.
+Weather report: sunny in the morning, clouds in the afternoon, and light rain in the evening.
+The recipe needs two cups of flour, one egg, a pinch of salt, and a spoonful of honey.
+Rivers flow to the ocean; mountains rise toward the sky; forests breathe in the summer heat.
+A café serves a naïve crêpe à la mode; the façade of the hôtel is jaune et rosé. Ça va? Über schön, señor!
+日本語のテキストです。東京は大きな都市です。中文文本：你好，世界！한국어 텍스트: 안녕하세요.
+Emoji time 🙂🚀 and more 🎉🔥👍 — also a long dash – and “curly quotes” plus ellipsis…
+Русский текст: привет, мир. Ελληνικά: γειά σου κόσμε. العربية: مرحبا بالعالم.
+"""
+
+_SUBJECTS = ("The cat", "A teacher", "My friend", "The engine", "Our team", "The robot", "A student", "The river")
+_VERBS = ("reads", "builds", "finds", "writes", "sees", "moves", "likes", "tests")
+_OBJECTS = ("a book", "the bridge", "new ideas", "long stories", "every token", "the garden", "small models")
+_ENDINGS = ("today.", "again!", "slowly.", "with care.", "before noon?", "in the rain.")
+
+
+def _corpus() -> list[str]:
+    """A few KB of varied text: literal paragraphs plus a fixed grid of templated sentences (no randomness)."""
+    lines = [line for line in _PARAGRAPHS.splitlines() if line]
+    for i, subject in enumerate(_SUBJECTS):
+        for j, verb in enumerate(_VERBS):
+            obj = _OBJECTS[(i + j) % len(_OBJECTS)]
+            end = _ENDINGS[(i * 3 + j) % len(_ENDINGS)]
+            lines.append(f"{subject} {verb} {obj} {end}")
+    return lines
+
+
+def _train_backend_tokenizer(vocab_size: int) -> Any:
+    """Trains the byte-level BPE; merges are ordered by (count, pair) so training is deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token, so nothing is ever <unk>
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    # Like Llama: plain encodes start with BOS (chat templates write it themselves and encode without specials).
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    return tok
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = TINY_VOCAB_SIZE) -> "PreTrainedTokenizerFast":
+    """Trains the built-in tokenizer, saves it to `out_dir` (tokenizer.json + config files) and returns it."""
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=_train_backend_tokenizer(vocab_size),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=list(ROLE_TOKENS),
+        clean_up_tokenization_spaces=False,
+        model_max_length=512,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out))
+    return tokenizer
+
+
+# "tiny" keeps tests fast; "small" is big enough that batching/paging effects show up in benchmarks.
+_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
+    ),
+    "small": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=688
+    ),
+}
+
+# Per-matrix gains for std = gain / sqrt(fan_in), so every size behaves alike. Sharp q/k make attention pick out
+# specific earlier tokens (outputs then depend on context, so KV-cache bugs change tokens); strong v/o let that
+# context compete with the current token's embedding in the residual stream.
+_GAINS = {"q_proj": 3.0, "k_proj": 3.0, "v_proj": 1.5, "o_proj": 2.0, "lm_head": 2.0}
+_DEFAULT_GAIN = 1.0
+_BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
+_NORM_STD = 0.2
+_EMBED_STD = 1.0
+_EOS_ROW_SCALE = 0.05  # EOS logit ~0 while the top logit is ~3 std up: random generations rarely stop early
+INITIALIZER_RANGE = 0.1  # recorded in config.json; the weights themselves come from _spread_init
+
+
+def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, int], overrides: dict[str, Any]) -> Any:
+    """Builds the transformers config; `overrides` win over the size preset (e.g. num_key_value_heads=1)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    if arch not in SUPPORTED_TINY_ARCHS:
+        raise ValueError(f"Unknown tiny arch {arch!r}; choose one of {SUPPORTED_TINY_ARCHS}")
+    if size not in _SIZES:
+        raise ValueError(f"Unknown tiny size {size!r}; choose one of {tuple(_SIZES)}")
+    kwargs: dict[str, Any] = dict(
+        _SIZES[size],
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        initializer_range=INITIALIZER_RANGE,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **special_ids,
+    )
+    if arch == "mistral":
+        kwargs["sliding_window"] = None  # a 4096 window over a 512 context is a no-op; override to exercise it
+    if arch == "qwen2" and overrides.get("sliding_window") is not None:
+        kwargs["use_sliding_window"] = True  # Qwen2 ignores sliding_window unless this flag is on
+        kwargs["max_window_layers"] = 0  # ...and only applies it to layers >= max_window_layers
+    if "rope_scaling" in overrides:  # legacy spelling: fold it into rope_parameters (transformers 5 style)
+        scaling = dict(overrides.pop("rope_scaling") or {})
+        if "type" in scaling and "rope_type" not in scaling:
+            scaling["rope_type"] = scaling.pop("type")
+        kwargs["rope_parameters"] = {**kwargs["rope_parameters"], **scaling}
+    if "rope_theta" in overrides:
+        kwargs["rope_parameters"] = {**kwargs["rope_parameters"], "rope_theta": float(overrides.pop("rope_theta"))}
+    kwargs.update(overrides)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    return cls(**kwargs)
+
+
+def _spread_init(model: Any, eos_id: int) -> None:
+    """Re-initialises every weight so greedy decoding wanders, depends on context, and has clear argmaxes.
+
+    HF's default (std 0.02, unit norms, zero biases) gives near-flat logits that loop on one or two tokens.
+    """
+    import torch
+
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.normal_(0.0, _EMBED_STD)
+            elif isinstance(module, torch.nn.Linear):
+                if leaf == "lm_head" and tied:
+                    continue  # shares the embedding; scaled below
+                gain = _GAINS.get(leaf, _DEFAULT_GAIN)
+                module.weight.normal_(0.0, gain / math.sqrt(module.in_features))
+                if module.bias is not None:
+                    module.bias.normal_(0.0, _BIAS_STD)
+            elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
+                module.weight.normal_(1.0, _NORM_STD)
+        head = model.get_output_embeddings().weight
+        if tied:  # unit-std rows would give logits of std sqrt(hidden): far too peaked for sampling tests
+            head.mul_(_GAINS["lm_head"] / math.sqrt(head.shape[1]))
+        head[eos_id].mul_(_EOS_ROW_SCALE)
+
+
+def build_tiny_checkpoint(
+    out_dir: str | Path,
+    arch: str = "llama",
+    size: str = "tiny",
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **config_overrides: Any,
+) -> Path:
+    """Writes a complete HF checkpoint folder (config, safetensors, tokenizer, generation config) and returns it."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    out = Path(out_dir)
+    tokenizer = build_tokenizer(out)
+    special_ids = dict(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    config = _make_config(arch, size, len(tokenizer), special_ids, dict(config_overrides))
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _spread_init(model, tokenizer.eos_token_id)
+    model.generation_config = GenerationConfig(**special_ids)
+    save_kwargs: dict[str, Any] = {"safe_serialization": True}
+    if max_shard_size is not None:
+        save_kwargs["max_shard_size"] = max_shard_size
+    model.save_pretrained(str(out), **save_kwargs)
+    return out
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("RAYINFER_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "rayinfer"
+
+
+def default_tiny_model_dir(arch: str = "llama") -> Path:
+    """Returns the cached default tiny checkpoint, building it once (into a temp dir, then an atomic rename)."""
+    target = _cache_root() / f"tiny-{arch}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{arch}-", dir=target.parent))
+    try:
+        build_tiny_checkpoint(tmp, arch=arch)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another process won the race; its complete copy is as good as ours.
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("built tiny %s checkpoint at %s", arch, target)
+    return target
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Reads back config.json (handy for scripts and logs)."""
+    return json.loads((Path(path) / "config.json").read_text())

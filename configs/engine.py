@@ -1,0 +1,155 @@
+"""Engine arguments a user sets when starting an engine, checked at the edge.
+
+Names and defaults follow vLLM's engine args so users can carry their settings over. Limits that depend
+on the checkpoint (its maximum context length) are resolved later by `resolved_limits`, once the model's
+`config.json` has been read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+# Short spellings users type on command lines; normalised so the rest of the engine sees four names.
+DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Token budget per step when chunked prefill is on and the user gave none.
+DEFAULT_CHUNKED_MAX_NUM_BATCHED_TOKENS = 2048
+MAX_BLOCK_SIZE = 256
+
+
+class EngineConfig(BaseModel):
+    """Engine arguments; a misspelt name is an error (extra="forbid") rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str
+    tokenizer: str | None = None
+    dtype: Dtype = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = False
+    seed: int = 0
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: Literal["uni", "ray"] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_logprobs: int = 20
+
+    @field_validator("model", "tokenizer")
+    @classmethod
+    def _non_empty_path(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"{info.field_name} must be a non-empty path to a Hugging Face checkpoint folder")
+        return value
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _normalise_dtype(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError(f"dtype must be a string (got {value!r})")
+        name = DTYPE_ALIASES.get(value.strip().lower(), value.strip().lower())
+        allowed = ("auto", "float32", "bfloat16", "float16")
+        if name not in allowed:
+            raise ValueError(
+                f"dtype must be one of {', '.join(allowed)} (or fp32, fp16, bf16) (got {value!r})"
+            )
+        return name
+
+    @field_validator("max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+    @classmethod
+    def _at_least_one(cls, value: int | None, info: Any) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1 (got {value})")
+        return value
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if not (1 <= value <= MAX_BLOCK_SIZE) or value & (value - 1):
+            raise ValueError(f"block_size must be a power of two between 1 and {MAX_BLOCK_SIZE} (got {value})")
+        return value
+
+    @field_validator("gpu_memory_utilization")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not (0.0 < value <= 1.0):  # also rejects NaN
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1] (got {value})")
+        return value
+
+    @field_validator("kv_cache_memory_bytes")
+    @classmethod
+    def _positive_bytes(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError(f"kv_cache_memory_bytes must be > 0 (got {value})")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _non_negative_seed(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"seed must be >= 0 (got {value})")
+        return value
+
+    @field_validator("max_logprobs")
+    @classmethod
+    def _logprob_cap(cls, value: int) -> int:
+        if value < -1:
+            raise ValueError(f"max_logprobs must be >= 0, or -1 for no cap (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _backend_fits_parallelism(self) -> EngineConfig:
+        if self.tensor_parallel_size > 1 and self.distributed_executor_backend == "uni":
+            raise ValueError(
+                f"distributed_executor_backend 'uni' runs one process and cannot serve "
+                f"tensor_parallel_size={self.tensor_parallel_size}; use 'ray' or leave it unset"
+            )
+        return self
+
+    @property
+    def tokenizer_path(self) -> str:
+        """Where to load the tokenizer from: the checkpoint folder unless a tokenizer was given."""
+        return self.tokenizer if self.tokenizer is not None else self.model
+
+    @property
+    def executor_backend(self) -> Literal["uni", "ray"]:
+        """The backend to run: the one asked for, else Ray only when tensor parallelism needs it."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "ray" if self.tensor_parallel_size > 1 else "uni"
+
+    def resolved_limits(self, model_max_len: int) -> tuple[int, int]:
+        """(max_model_len, max_num_batched_tokens) once the checkpoint's context length is known."""
+        return resolved_limits(self, model_max_len)
+
+
+def resolved_limits(config: EngineConfig, model_max_len: int) -> tuple[int, int]:
+    """Resolve the length limits against the model's own limit; ValueError when they cannot work."""
+    if model_max_len < 1:
+        raise ValueError(f"the model's maximum length must be >= 1 (got {model_max_len})")
+    max_model_len = model_max_len if config.max_model_len is None else config.max_model_len
+    if max_model_len > model_max_len:
+        raise ValueError(
+            f"max_model_len ({max_model_len}) exceeds the model's maximum length ({model_max_len}); "
+            f"lower max_model_len"
+        )
+    batched = config.max_num_batched_tokens
+    if batched is None:
+        batched = DEFAULT_CHUNKED_MAX_NUM_BATCHED_TOKENS if config.enable_chunked_prefill else max_model_len
+    if not config.enable_chunked_prefill and batched < max_model_len:
+        # Without chunking a whole prompt must fit one step, so the budget must cover the longest prompt.
+        raise ValueError(
+            f"max_num_batched_tokens ({batched}) must be >= max_model_len ({max_model_len}) when "
+            f"enable_chunked_prefill is off; raise it, lower max_model_len, or enable chunked prefill"
+        )
+    return max_model_len, batched
+
+
+__all__ = ["DEFAULT_CHUNKED_MAX_NUM_BATCHED_TOKENS", "EngineConfig", "resolved_limits"]

@@ -1,0 +1,5 @@
+"""rayinfer.scheduler."""
+
+from rayinfer.scheduler.sampling_params import BeamSearchParams, SamplingParams
+
+__all__ = ["BeamSearchParams", "SamplingParams"]

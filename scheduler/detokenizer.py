@@ -1,0 +1,93 @@
+"""Incremental detokenization: output token ids to text, one token at a time, in O(1) per token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Prompt tokens decoded ahead of the first output token so it gets its context (leading spaces etc.).
+_PROMPT_CONTEXT_TOKENS = 5
+_REPLACEMENT_CHAR = "\ufffd"
+# A UTF-8 character spans at most 4 tokens; a longer run still ending in U+FFFD is invalid bytes from the model,
+# emitted as they decode so the window (and the cost per token) stays bounded.
+_MAX_PENDING_TOKENS = 16
+
+
+class IncrementalDetokenizer:
+    """Turns output token ids into text one token at a time, never emitting half a UTF-8 character.
+
+    Keeps a small window of ids: `[prefix, read)` was already emitted and only provides context, `[read, end)`
+    is pending. Each step decodes the window and emits what goes past the context text, unless the text ends in
+    U+FFFD (a multi-byte character still waiting for its last bytes); then the window just grows by one token.
+    When skipping special tokens, they never enter the window: the tokenizer drops them before decoding anyway.
+
+    `final_text()` is the streamed text plus whatever is still pending, so streaming and non-streaming clients
+    see the same text. For byte-level BPE tokenizers it equals `tokenizer.decode(output_ids)` exactly; for
+    decoders that strip a leading space at the start of a decode (SentencePiece "▁"), the first output token
+    keeps the space it has in context, as the prompt + output text reads.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: list[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        # Fast tokenizers decode special tokens without extra spaces; accepted for API compatibility only.
+        self.spaces_between_special_tokens = spaces_between_special_tokens
+        self._special_ids: frozenset[int] = _special_ids(tokenizer) if skip_special_tokens else frozenset()
+        self.output_ids: list[int] = []
+        self._text = ""
+        self._window: list[int] = []
+        self._read = 0
+        self._context_len = 0  # len(decode(window[:read]))
+        context = [t for t in prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:] if t not in self._special_ids]
+        if context:
+            text = self._decode(context)
+            # A prompt cut inside a character would make the first output token's text depend on prompt bytes.
+            if not text.endswith(_REPLACEMENT_CHAR):
+                self._window, self._read, self._context_len = context, len(context), len(text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def append(self, token_id: int) -> str:
+        """Adds one output token; returns the newly completed text ("" while a character is incomplete)."""
+        self.output_ids.append(token_id)
+        if token_id in self._special_ids:
+            return ""
+        self._window.append(token_id)
+        text = self._decode(self._window)
+        incomplete = text.endswith(_REPLACEMENT_CHAR) and len(self._window) - self._read < _MAX_PENDING_TOKENS
+        if len(text) <= self._context_len or incomplete:
+            return ""
+        new_text = text[self._context_len :]
+        # Slide: what was pending becomes the context of the next step, so the window stays a few tokens long.
+        self._window = self._window[self._read :]
+        self._read = len(self._window)
+        self._context_len = len(self._decode(self._window))
+        self._text += new_text
+        return new_text
+
+    @property
+    def output_text(self) -> str:
+        """All text emitted so far."""
+        return self._text
+
+    def final_text(self) -> str:
+        """The emitted text plus the pending tail (e.g. a character whose last bytes never came)."""
+        tail = ""
+        if self._read < len(self._window):
+            tail = self._decode(self._window)[self._context_len :]
+        return self.output_text + tail
+
+
+def _special_ids(tokenizer: Any) -> frozenset[int]:
+    """Ids the tokenizer drops on decode(skip_special_tokens=True): special added tokens and named specials."""
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
+        if getattr(added, "special", False):
+            ids.add(int(token_id))
+    return frozenset(ids)

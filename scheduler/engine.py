@@ -1,0 +1,253 @@
+"""The engine loop: admit requests, schedule a step, run it on the executor, turn tokens into outputs."""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from rayinfer.configs import EngineConfig
+from rayinfer.scheduler.block_manager import BlockManager, blocks_for
+from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
+from rayinfer.scheduler.output_processor import OutputProcessor
+from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
+from rayinfer.scheduler.sampling_params import SamplingParams
+from rayinfer.scheduler.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
+from rayinfer.scheduler.sequence import Request, Sequence
+from rayinfer.scheduler.step_plan import SampleRequest, SequenceChunk, StepPlan
+
+if TYPE_CHECKING:
+    from rayinfer.workers.executor import Executor
+
+logger = logging.getLogger(__name__)
+
+_SEED_MASK = (1 << 63) - 1
+
+
+def _sequence_seed(request_seed: int, index: int) -> int:
+    """Sequence 0 keeps the request's seed (so n=1 and the first of n agree); the others get distinct streams."""
+    return request_seed if index == 0 else (request_seed * 0x9E3779B1 + index * 0x85EBCA77) & _SEED_MASK
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, executor_factory: Callable[..., Executor] | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        from rayinfer.configs import resolved_limits
+        from rayinfer.workers.model_config import load_model_spec
+
+        self.config = config
+        self.model_spec = load_model_spec(config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.max_model_len, self.max_num_batched_tokens = resolved_limits(config, self.model_spec.max_model_len_limit)
+        if executor_factory is None:
+            from rayinfer.workers.executor import InProcessExecutor as executor_factory
+        self.executor = executor_factory(config, self.model_spec, self.max_model_len, self.max_num_batched_tokens)
+        self.block_manager = BlockManager(self.executor.num_blocks, config.block_size)
+        pool_tokens = self.executor.num_blocks * config.block_size
+        if pool_tokens < self.max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens, fewer than max_model_len (%d): longer requests will be refused",
+                pool_tokens,
+                self.max_model_len,
+            )
+        limits = SchedulerLimits(config.max_num_seqs, self.max_num_batched_tokens, config.enable_chunked_prefill)
+        self.scheduler = Scheduler(limits, self.block_manager)
+        self.output_processor = OutputProcessor(self.max_model_len)
+        eos = set(self.model_spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.requests: dict[str, Request] = {}
+        self._seed_rng = random.Random(config.seed)
+        self._arrivals = itertools.count()
+        self._seq_ids = itertools.count()
+
+    # ---------------------------------------------------------------- requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+    ) -> None:
+        """Validates and queues a request; raises ValueError (naming the field and limit) if it can never run."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("prompt: give a string or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        self._validate_prompt(prompt_token_ids)
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
+        self._validate_fits_pool(len(prompt_token_ids), max_tokens)
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        request = Request(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=prompt_token_ids,
+            params=params,
+            arrival=next(self._arrivals),
+            max_tokens=max_tokens,
+            stop_token_ids=eos | frozenset(params.stop_token_ids),
+            eos_token_ids=eos,
+        )
+        request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        for index in range(params.n):
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request=request,
+                index=index,
+                seed=_sequence_seed(request_seed, index),
+                token_ids=list(prompt_token_ids),
+                num_prompt_tokens=len(prompt_token_ids),
+                detokenizer=IncrementalDetokenizer(
+                    self.tokenizer,
+                    prompt_token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                ),
+            )
+            request.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = request
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("prompt: must not be empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(token_ids)} tokens is too long; max_model_len is {self.max_model_len} "
+                "and at least one token must be left for the output"
+            )
+        vocab = self.model_spec.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab}) for this model (got {bad[:5]})")
+
+    def _validate_fits_pool(self, prompt_len: int, max_tokens: int) -> None:
+        worst_case = min(prompt_len + max_tokens, self.max_model_len)
+        needed = blocks_for(worst_case, self.config.block_size)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(
+                f"max_tokens: the request may need {worst_case} tokens of KV cache (prompt {prompt_len} + "
+                f"max_tokens {max_tokens}), but the whole pool holds {self.block_manager.num_blocks} blocks of "
+                f"{self.config.block_size} tokens; lower max_tokens or give the cache more memory"
+            )
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+        return self._request_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    # ---------------------------------------------------------------- steps
+    def step(self) -> list[RequestOutput]:
+        """Runs one forward over everything scheduled; returns outputs of the requests that advanced."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress with requests pending; this is a bug")
+            return []
+        tokens = self.executor.execute(self._step_plan(plan))
+        for scheduled in plan.scheduled:
+            scheduled.seq.num_computed_tokens += scheduled.num_new_tokens
+        touched: dict[str, Request] = {}
+        sampled = (s.seq for s in plan.scheduled if s.samples)
+        for seq, token_id in zip(sampled, tokens, strict=True):
+            request = seq.request
+            if request.is_finished:
+                continue  # failed earlier in this step
+            touched[request.request_id] = request
+            try:
+                if self.output_processor.append(seq, token_id):
+                    self.scheduler.finish(seq)
+            except Exception as exc:  # one request's failure must not take the others down
+                logger.exception("request %s failed while processing its output", request.request_id)
+                self._fail_request(request, f"{type(exc).__name__}: {exc}")
+        outputs = [self._request_output(r) for r in touched.values()]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
+
+    def _step_plan(self, plan: SchedulerOutput) -> StepPlan:
+        chunks = []
+        for scheduled in plan.scheduled:
+            seq = scheduled.seq
+            start = seq.num_computed_tokens
+            chunks.append(
+                SequenceChunk(
+                    seq_id=seq.seq_id,
+                    token_ids=seq.token_ids[start : start + scheduled.num_new_tokens],
+                    start_position=start,
+                    block_table=seq.block_table,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    sample=self._sample_request(seq) if scheduled.samples else None,
+                )
+            )
+        return StepPlan(chunks)
+
+    @staticmethod
+    def _sample_request(seq: Sequence) -> SampleRequest:
+        request = seq.request
+        held_back = len(seq.output_token_ids) < request.params.min_tokens
+        return SampleRequest(
+            params=request.params,
+            seed=seq.seed,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=seq.output_token_ids,
+            stop_ids_for_min_tokens=sorted(request.stop_token_ids) if held_back else [],
+        )
+
+    def _fail_request(self, request: Request, message: str) -> None:
+        request.error = message
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+
+    def _request_output(self, request: Request) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=seq.index,
+                text=seq.output_text,
+                token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in request.seqs
+        ]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs,
+            finished=request.is_finished,
+            error=request.error,
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_free_blocks": self.block_manager.num_free_blocks,
+            "num_blocks": self.block_manager.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }

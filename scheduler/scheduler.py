@@ -1,0 +1,140 @@
+"""Iteration-level scheduling under a per-step token budget (continuous batching with chunked prefill).
+
+Each step: running sequences that decode go first (one token each), then running sequences still in the
+middle of their prompt, then waiting sequences in arrival order, each taking as much of the remaining budget
+as it needs (a prompt larger than what is left is split across steps). When the pool cannot hold a running
+sequence's next tokens, the newest running sequence is preempted: its blocks are freed and it is recomputed
+from its text later. The oldest running sequence can always proceed, so there is no deadlock.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from rayinfer.scheduler.block_manager import BlockManager
+from rayinfer.scheduler.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_chunked_prefill: bool = True
+
+
+@dataclass
+class ScheduledSequence:
+    seq: Sequence
+    num_new_tokens: int
+    samples: bool  # a sequence draws a token once this step leaves none of its known tokens uncomputed
+
+    @classmethod
+    def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
+        return cls(seq, num_new_tokens, num_new_tokens == seq.num_uncomputed_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager) -> None:
+        self.limits = limits
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # kept in arrival order: the last one is the first to preempt
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.limits.max_num_batched_tokens
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decoding + prefilling:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop to make room
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if self._make_room(seq, num_new, out):
+                self.block_manager.allocate(seq, num_new)
+                out.scheduled.append(ScheduledSequence.of(seq, num_new))
+                budget -= num_new
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        return out
+
+    def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
+        """Preempts the newest running sequences until `seq` fits; False if `seq` itself had to go."""
+        while not self.block_manager.can_allocate(seq, num_new):
+            victim = self.running[-1]
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        for i, scheduled in enumerate(out.scheduled):
+            if scheduled.seq is seq:
+                del out.scheduled[i]
+                break
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        # Preempted sequences are older than anything still waiting, so they go back in front (oldest first).
+        position = 0
+        while position < len(self.waiting) and self.waiting[position].arrival <= seq.arrival:
+            position += 1
+        self.waiting.insert(position, seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+        logger.debug("preempted sequence %d (%d tokens) to free KV blocks", seq.seq_id, seq.num_tokens)
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = seq.num_uncomputed_tokens
+            if num_new > budget:
+                if not self.limits.enable_chunked_prefill:
+                    break
+                num_new = budget
+            if not self.block_manager.can_allocate(seq, num_new, admitting=True):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            keys = [s.arrival for s in self.running]
+            self.running.insert(bisect.bisect_right(keys, seq.arrival), seq)
+            out.scheduled.append(ScheduledSequence.of(seq, num_new))
+            budget -= num_new
+
+    def finish(self, seq: Sequence) -> None:
+        """Releases a sequence that ended (finished, aborted or failed) wherever it is."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED

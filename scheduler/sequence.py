@@ -1,0 +1,76 @@
+"""Requests and the sequences they generate, as the scheduler and output processor see them."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from rayinfer.scheduler.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One generated continuation of a prompt; holds KV blocks while it runs."""
+
+    seq_id: int
+    request: Request
+    index: int
+    seed: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    output_text: str = ""
+    detokenizer: IncrementalDetokenizer | None = None
+
+    @property
+    def arrival(self) -> int:
+        return self.request.arrival
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose K/V is not in the pool yet: the prompt (or a preempted sequence's whole text) or the newest token."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        self.output_token_ids.append(token_id)
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: int
+    max_tokens: int  # resolved: params.max_tokens or what fits in max_model_len
+    stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) and params.stop_token_ids
+    eos_token_ids: frozenset[int]
+    seqs: list[Sequence] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny checkpoints built once per session, and transformers as the reference."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rayinfer.cluster.tiny_model import build_tiny_checkpoint
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+_built: dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """Returns a builder: tiny_checkpoint(arch, **overrides) -> folder, cached for the session."""
+
+    def build(arch: str = "llama", size: str = "tiny", **overrides: Any) -> Path:
+        key = (arch, size, repr(sorted(overrides.items())))
+        if key not in _built:
+            out = tmp_path_factory.mktemp(f"{arch}-{size}")
+            _built[key] = build_tiny_checkpoint(out, arch=arch, size=size, **overrides)
+        return _built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_checkpoint) -> Path:
+    return tiny_checkpoint("llama")
+
+
+def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, run one prompt at a time (no padding), in float32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([prompt])
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=0,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            outputs.append(out[0, len(prompt) :].tolist())
+    return outputs

@@ -1,0 +1,1 @@
+"""rayinfer.workers.layers."""

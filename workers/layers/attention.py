@@ -1,0 +1,47 @@
+"""Attention over the paged KV pool for one flattened step."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rayinfer import kernels
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each token of a flattened step sits: built once per step by the model runner, read by every layer."""
+
+    positions: torch.Tensor  # [T] position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] flat pool slot that receives its K/V (-1: padding)
+    query_start_loc: torch.Tensor  # [B + 1] where each sequence's tokens start in the batch
+    seq_lens: torch.Tensor  # [B] context length of each sequence once this step's tokens are in
+    block_tables: torch.Tensor  # [B, max_blocks] block ids, padded with 0
+    rope_lengths: torch.Tensor | None = None  # [T] only for dynamic-NTK rope
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's K/V into the layer's pool, then attends over it. `kv_cache` is bound by the runner."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if self.kv_cache is None:
+            raise RuntimeError("PagedAttention used before the model runner bound its KV cache")
+        k_cache, v_cache = self.kv_cache
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = kernels.paged_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale, self.sliding_window
+        )
+        return out.reshape(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,41 @@
+"""Token embedding and LM head split by vocabulary range across tensor-parallel ranks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayinfer.workers.parallel_state import tp_group
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.tp = tp_group()
+        self.vocab_size = vocab_size
+        self.rows_per_rank = -(-vocab_size // self.tp.size)
+        self.vocab_start = self.tp.rank * self.rows_per_rank
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.load_rows
+
+    def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        # The last rank may hold fewer real rows; its padding rows stay zero and are never selected.
+        part = loaded[self.vocab_start : self.vocab_start + self.rows_per_rank]
+        param.data.zero_()
+        param.data[: part.shape[0]].copy_(part)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(token_ids, self.weight)
+        local = token_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.rows_per_rank)
+        out = F.embedding(local.clamp(0, self.rows_per_rank - 1), self.weight) * mine.unsqueeze(-1)
+        return self.tp.all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Projects hidden states to logits over the full vocabulary (gathered from every rank)."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
+        return logits[..., : self.vocab_size]

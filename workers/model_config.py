@@ -1,0 +1,148 @@
+"""What the engine needs to know about a checkpoint, read from its config.json and generation_config.json."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    theta: float
+    rot_dim: int
+    kind: str = "default"  # default | linear | dynamic | llama3
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+    max_position_embeddings: int = 2048
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeSpec
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    hidden_act: str
+    sliding_windows: tuple[int | None, ...]
+    checkpoint_dtype: torch.dtype
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def max_model_len_limit(self) -> int:
+        """Longest context the checkpoint supports: linear and dynamic rope scaling stretch the trained length."""
+        if self.rope.kind in ("linear", "dynamic"):
+            return int(self.max_position_embeddings * self.rope.factor)
+        return self.max_position_embeddings
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+def _rope_spec(cfg: dict[str, Any], head_dim: int) -> RopeSpec:
+    # transformers >= 5 writes `rope_parameters` (theta inside); older checkpoints write rope_theta + rope_scaling.
+    params = dict(cfg.get("rope_parameters") or {})
+    legacy = cfg.get("rope_scaling") or {}
+    params = {**legacy, **params}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind not in ("default", "linear", "dynamic", "llama3"):
+        raise ValueError(f"rope scaling type {kind!r} is not supported; supported: default, linear, dynamic, llama3")
+    partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+    return RopeSpec(
+        theta=theta,
+        rot_dim=int(head_dim * partial),
+        kind=kind,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+    )
+
+
+def _sliding_windows(cfg: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types")
+    if cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return (None,) * num_layers
+    if layer_types:
+        return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    if cfg.get("model_type") == "qwen2":
+        first_sliding = int(cfg.get("max_window_layers", num_layers))
+        return tuple(window if i >= first_sliding else None for i in range(num_layers))
+    return (int(window),) * num_layers
+
+
+def load_model_spec(model_dir: str | Path) -> ModelSpec:
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.exists():
+        raise ValueError(f"model: {model_dir} is not a Hugging Face checkpoint folder (no config.json)")
+    cfg = _read_json(config_path)
+    generation = _read_json(model_dir / "generation_config.json")
+    architectures = cfg.get("architectures") or []
+    if not architectures:
+        raise ValueError(f"model: {config_path} names no architecture")
+    num_heads = int(cfg["num_attention_heads"])
+    hidden = int(cfg["hidden_size"])
+    head_dim = int(cfg.get("head_dim") or hidden // num_heads)
+    num_layers = int(cfg["num_hidden_layers"])
+    model_type = cfg.get("model_type", "")
+    attention_bias = bool(cfg.get("attention_bias", False))
+    qwen2 = model_type == "qwen2"
+    eos = _ids(generation.get("eos_token_id")) + _ids(cfg.get("eos_token_id"))
+    dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return ModelSpec(
+        architecture=architectures[0],
+        model_type=model_type,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=head_dim,
+        intermediate_size=int(cfg["intermediate_size"]),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        rope=_rope_spec(cfg, head_dim),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=True if qwen2 else attention_bias,
+        o_bias=False if qwen2 else attention_bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        hidden_act=cfg.get("hidden_act", "silu"),
+        sliding_windows=_sliding_windows(cfg, num_layers),
+        checkpoint_dtype=_DTYPES.get(str(dtype_name), torch.float32),
+        eos_token_ids=tuple(dict.fromkeys(eos)),
+        bos_token_id=generation.get("bos_token_id", cfg.get("bos_token_id")),
+        raw=cfg,
+    )

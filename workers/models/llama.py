@@ -1,0 +1,120 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2): pre-norm blocks, GQA attention with rotary, SwiGLU MLP."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rayinfer import kernels
+from rayinfer.workers.layers.attention import AttentionMetadata, PagedAttention
+from rayinfer.workers.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from rayinfer.workers.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from rayinfer.workers.layers.norm import RMSNorm
+from rayinfer.workers.layers.rotary import RotaryEmbedding
+from rayinfer.workers.model_config import ModelSpec
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_index: int) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, bias=spec.qkv_bias
+        )
+        self.q_size = self.qkv_proj.num_heads * spec.head_dim
+        self.kv_size = self.qkv_proj.num_kv_heads * spec.head_dim
+        self.head_dim = spec.head_dim
+        self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=spec.o_bias)
+        self.attn = PagedAttention(
+            self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, spec.head_dim, spec.sliding_windows[layer_index]
+        )
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        tokens = x.shape[0]
+        q, k = kernels.apply_rotary(
+            q.reshape(tokens, -1, self.head_dim), k.reshape(tokens, -1, self.head_dim), cos, sin
+        )
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        if spec.hidden_act != "silu":
+            raise ValueError(f"hidden_act {spec.hidden_act!r} is not supported for {spec.architecture}; expected silu")
+        size = spec.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(spec.hidden_size, [size, size], bias=spec.mlp_bias)
+        self.down_proj = RowParallelLinear(size, spec.hidden_size, bias=spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = LlamaAttention(spec, layer_index)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = LlamaMLP(spec)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: ModelSpec, max_len: int) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(spec.rope, max_len)
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        cos, sin = self.rotary_emb(meta.positions, meta.rope_lengths)
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class LlamaForCausalLM(nn.Module):
+    # Checkpoint names that land inside one of our merged parameters, and which part of it they fill.
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, spec: ModelSpec, max_len: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = LlamaModel(spec, max_len)
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def uses_dynamic_rope(self) -> bool:
+        return self.model.rotary_emb.is_dynamic
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head.compute_logits(hidden)

@@ -1,0 +1,247 @@
+"""Batched sampling: logits of the sequences that sample this step -> one token id each.
+
+Everything is tensor ops over the whole batch (no per-row Python on the hot path), in vLLM's order:
+banned ids -> repetition penalty -> frequency/presence penalties -> greedy argmax -> temperature ->
+top-k -> top-p -> min-p -> draw.
+
+The draw is reproducible per request whatever else is in the batch: each row's randomness comes from a
+counter-based hash of (seed, output position, token id), not from a shared generator whose state would
+depend on which rows ran before. Filters that a row does not use leave its logits bit-for-bit unchanged,
+so a row draws the same token alone, in any batch, and in any order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from rayinfer.scheduler.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed64(value: int) -> int:
+    """A Python int wrapped to int64 two's complement, the way torch int64 arithmetic wraps."""
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# splitmix64 constants, written as signed int64 so torch accepts them as scalars.
+_GAMMA = _signed64(0x9E3779B97F4A7C15)
+_GAMMA_POSITION = _signed64(0xD1B54A32D192ED03)  # a second odd constant: separates positions of one seed
+_MIX1 = _signed64(0xBF58476D1CE4E5B9)
+_MIX2 = _signed64(0x94D049BB133111EB)
+
+
+def _shr(x: Tensor, shift: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic, so clear the sign-extended bits)."""
+    return (x >> shift) & ((1 << (64 - shift)) - 1)
+
+
+def mix64(x: Tensor) -> Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplies wrap around, as uint64 ones would)."""
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def counter_uniforms(seeds: Tensor, positions: Tensor, num_tokens: int) -> Tensor:
+    """[B, num_tokens] float32 uniforms in (0, 1), a pure function of (seed, position, token id).
+
+    Integer hashing is exact on every device, and the top 23 bits become (2h+1) / 2**24, which float32
+    holds exactly, so CPU and CUDA see the same numbers.
+    """
+    key = mix64(mix64(seeds) + (positions + 1) * _GAMMA_POSITION)
+    counters = torch.arange(1, num_tokens + 1, dtype=torch.int64, device=seeds.device) * _GAMMA
+    bits = mix64(key[:, None] + counters[None, :])
+    return (_shr(bits, 41) * 2 + 1).to(torch.float32) * (2.0**-24)
+
+
+class SamplingRowLike(Protocol):
+    """Anything shaped like `SamplingRow` (e.g. the scheduler's `SampleRequest`) can be built from."""
+
+    params: SamplingParams
+    seed: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    stop_ids_for_min_tokens: list[int]
+
+
+@dataclass
+class SamplingRow:
+    """One sequence that samples this step, as the model runner hands it to `SamplingTensors.build`."""
+
+    params: SamplingParams
+    seed: int  # always set: the engine draws one for unseeded requests
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    stop_ids_for_min_tokens: list[int]  # EOS ids (unless ignore_eos) + stop_token_ids
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling settings as device tensors, plus batch flags that let the sampler skip work."""
+
+    temperatures: Tensor  # [B] float32; 0 for greedy rows
+    top_ks: Tensor  # [B] int64; vocab_size where disabled
+    top_ps: Tensor  # [B] float32
+    min_ps: Tensor  # [B] float32
+    presence_penalties: Tensor  # [B] float32
+    frequency_penalties: Tensor  # [B] float32
+    repetition_penalties: Tensor  # [B] float32
+    seeds: Tensor  # [B] int64
+    output_positions: Tensor  # [B] int64: number of output tokens so far
+    prompt_token_ids: Tensor | None  # [B, Lp] int64 padded with vocab_size; only with a repetition penalty
+    output_token_ids: Tensor | None  # [B, Lo] int64 padded with vocab_size; only with any penalty
+    banned_token_ids: Tensor | None  # [B, K] int64 padded with vocab_size; stop ids while below min_tokens
+    all_greedy: bool
+    any_top_k: bool
+    any_top_p: bool
+    any_min_p: bool
+    any_penalty: bool
+
+    @classmethod
+    def build(cls, rows: Sequence[SamplingRowLike], vocab_size: int, device: torch.device | str) -> SamplingTensors:
+        if not rows:
+            raise ValueError("SamplingTensors.build needs at least one row")
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1 (got {vocab_size})")
+        temperatures: list[float] = []
+        top_ks: list[int] = []
+        top_ps: list[float] = []
+        min_ps: list[float] = []
+        banned: list[list[int]] = []
+        any_repetition = any_penalty = False
+        for row in rows:
+            p = row.params
+            greedy = p.is_greedy
+            # Greedy rows get every filter disabled: they take argmax, and disabled filters cost nothing.
+            temperatures.append(0.0 if greedy else p.temperature)
+            top_ks.append(vocab_size if greedy or p.top_k <= 0 else min(p.top_k, vocab_size))
+            top_ps.append(1.0 if greedy else p.top_p)
+            min_ps.append(0.0 if greedy else p.min_p)
+            banned.append(list(row.stop_ids_for_min_tokens) if len(row.output_token_ids) < p.min_tokens else [])
+            any_repetition |= p.repetition_penalty != 1.0
+            any_penalty |= p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+
+        def floats(values: list[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        def ints(values: list[int]) -> Tensor:
+            return torch.tensor(values, dtype=torch.int64, device=device)
+
+        return cls(
+            temperatures=floats(temperatures),
+            top_ks=ints(top_ks),
+            top_ps=floats(top_ps),
+            min_ps=floats(min_ps),
+            presence_penalties=floats([r.params.presence_penalty for r in rows]),
+            frequency_penalties=floats([r.params.frequency_penalty for r in rows]),
+            repetition_penalties=floats([r.params.repetition_penalty for r in rows]),
+            seeds=ints([_signed64(r.seed) for r in rows]),
+            output_positions=ints([len(r.output_token_ids) for r in rows]),
+            prompt_token_ids=_padded([r.prompt_token_ids for r in rows], vocab_size, device)
+            if any_repetition
+            else None,
+            output_token_ids=_padded([r.output_token_ids for r in rows], vocab_size, device) if any_penalty else None,
+            banned_token_ids=_padded(banned, vocab_size, device) if any(banned) else None,
+            all_greedy=all(t == 0.0 for t in temperatures),
+            any_top_k=any(k < vocab_size for k in top_ks),
+            any_top_p=any(p < 1.0 for p in top_ps),
+            any_min_p=any(p > 0.0 for p in min_ps),
+            any_penalty=any_penalty,
+        )
+
+
+def _padded(lists: Sequence[Sequence[int]], pad: int, device: torch.device | str) -> Tensor:
+    """[B, max len] int64, short rows filled with `pad` (= vocab_size, a column the sampler drops)."""
+    width = max(1, max(len(ids) for ids in lists))
+    return torch.tensor([list(ids) + [pad] * (width - len(ids)) for ids in lists], dtype=torch.int64, device=device)
+
+
+def _token_mask(token_ids: Tensor, vocab_size: int) -> Tensor:
+    """[B, V] bool, True at the ids listed per row; the pad id lands in an extra column that is cut off."""
+    mask = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=token_ids.device)
+    return mask.scatter_(1, token_ids, True)[:, :vocab_size]
+
+
+def apply_penalties(logits: Tensor, t: SamplingTensors) -> Tensor:
+    """Repetition penalty (prompt + output tokens) then frequency/presence penalties (output tokens)."""
+    batch, vocab = logits.shape
+    if t.output_token_ids is None:
+        raise ValueError("SamplingTensors.any_penalty is set but output_token_ids is missing")
+    out_ids = t.output_token_ids
+    counts = torch.zeros(batch, vocab + 1, dtype=torch.float32, device=logits.device)
+    counts = counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=torch.float32))[:, :vocab]
+    if t.prompt_token_ids is not None:
+        # HF semantics over prompt + output tokens: shrink positive logits, push negative ones further down.
+        seen = _token_mask(t.prompt_token_ids, vocab) | (counts > 0)
+        rep = t.repetition_penalties[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    # OpenAI semantics over output tokens only.
+    return logits - (t.frequency_penalties[:, None] * counts + t.presence_penalties[:, None] * (counts > 0))
+
+
+def apply_top_k_top_p(logits: Tensor, t: SamplingTensors) -> Tensor:
+    """Mask to -inf outside each row's top-k, then outside the smallest set reaching top-p mass."""
+    vocab = logits.shape[1]
+    # stable=True: ties rank by token id, so the kept set is unique whatever kernel the shape picks.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    if t.any_top_k:
+        ranks = torch.arange(vocab, device=logits.device)
+        sorted_logits.masked_fill_(ranks[None, :] >= t.top_ks[:, None], float("-inf"))
+    if t.any_top_p:
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop = (mass_before >= t.top_ps[:, None]) & (t.top_ps[:, None] < 1.0)
+        drop[:, 0] = False  # the most likely token always stays
+        sorted_logits.masked_fill_(drop, float("-inf"))
+    # Scattering back is an exact permutation, so rows with both filters off come back unchanged.
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+class Sampler(torch.nn.Module):
+    """Turns [B, V] logits into [B] token ids following each row's `SamplingTensors` settings."""
+
+    def forward(self, logits: Tensor, t: SamplingTensors) -> Tensor:
+        # A float32 copy: computing in float32 whatever the model dtype, and in-place edits stay ours.
+        logits = logits.to(torch.float32, copy=True)
+        vocab = logits.shape[1]
+        if t.banned_token_ids is not None:
+            logits.masked_fill_(_token_mask(t.banned_token_ids, vocab), float("-inf"))
+        if t.any_penalty:
+            logits = apply_penalties(logits, t)
+        greedy_ids = logits.argmax(dim=-1)
+        if t.all_greedy:
+            return greedy_ids
+
+        sampled_rows = t.temperatures > 0
+        logits = logits / torch.where(sampled_rows, t.temperatures, 1.0)[:, None]
+        if t.any_top_k or t.any_top_p:
+            logits = apply_top_k_top_p(logits, t)
+        if t.any_min_p:
+            # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p); log(0) = -inf drops nothing.
+            threshold = logits.max(dim=-1, keepdim=True).values + torch.log(t.min_ps)[:, None]
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+
+        # Exponential race argmax(p_i / E_i), E_i = -log(u_i) ~ Exp(1), which picks i with probability p_i.
+        # Taken in log space, argmax(logit_i - log E_i): elementwise only, so no softmax reduction whose
+        # rounding could depend on the batch shape; filtered tokens stay at -inf and never win.
+        uniforms = counter_uniforms(t.seeds, t.output_positions, vocab)
+        sampled_ids = (logits - torch.log(-torch.log(uniforms))).argmax(dim=-1)
+        return torch.where(sampled_rows, sampled_ids, greedy_ids)
+
+
+__all__ = [
+    "Sampler",
+    "SamplingRow",
+    "SamplingRowLike",
+    "SamplingTensors",
+    "apply_penalties",
+    "apply_top_k_top_p",
+    "counter_uniforms",
+    "mix64",
+]

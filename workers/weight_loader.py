@@ -1,0 +1,91 @@
+"""Builds a model for a checkpoint folder and fills it from its safetensors files (single or sharded)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.models import model_class_for
+
+logger = logging.getLogger(__name__)
+
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model: no *.safetensors weights in {model_dir}")
+    return files
+
+
+def iter_checkpoint_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def _default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter {tuple(param.shape)}")
+    param.data.copy_(loaded)
+
+
+def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
+    tied = getattr(model, "spec", None) is not None and model.spec.tie_word_embeddings
+    filled: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in iter_checkpoint_tensors(model_dir):
+        if name.endswith(_SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        shard_id = None
+        for source, (target, shard) in packed.items():
+            if f".{source}." in name:
+                name, shard_id = name.replace(f".{source}.", f".{target}."), shard
+                break
+        param = params.get(name)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", _default_loader)
+        loader(param, tensor.to(param.dtype), shard_id)
+        filled.add(name)
+    if unexpected:
+        raise ValueError(f"checkpoint {model_dir} has tensors this model does not use: {unexpected[:8]}")
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks tensors the model needs: {missing[:8]}")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, device: torch.device, max_len: int) -> nn.Module:
+    model_cls = model_class_for(spec)
+    with _default_dtype(dtype), torch.device(device):
+        model = model_cls(spec, max_len)
+    load_weights(model, model_dir)
+    logger.info("loaded %s from %s (%s on %s)", spec.architecture, model_dir, dtype, device)
+    return model.eval()

@@ -78,6 +78,8 @@ class Engine:
         if prompt_token_ids is None:
             if prompt is None:
                 raise ValueError("prompt: give a string or prompt_token_ids")
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
             prompt_token_ids = self.tokenizer.encode(prompt)
         prompt_token_ids = list(prompt_token_ids)
         self._validate_prompt(prompt_token_ids)

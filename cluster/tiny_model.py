@@ -26,6 +26,8 @@ BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (BOS, EOS, PAD, *ROLE_TOKENS)  # ids 0..5, in this order
 TINY_VOCAB_SIZE = 512
+# Bumped whenever the recipe changes, so default_tiny_model_dir never serves a stale cached build.
+TINY_FORMAT_VERSION = 1
 
 # Roles are checked so a bad message fails loudly; the assistant turn ends with EOS so generation stops there.
 CHAT_TEMPLATE = (
@@ -121,7 +123,24 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = TINY_VOCAB_SIZE) -> "
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(out))
+    _write_compat_tokenizer_files(out)
     return tokenizer
+
+
+def _write_compat_tokenizer_files(out: Path) -> None:
+    """Makes the folder loadable by transformers 4.x too, which the engine's requirements still allow.
+
+    transformers 5 names the class `TokenizersBackend`, keeps the chat template only in chat_template.jinja,
+    calls extra specials `extra_special_tokens`, and writes no special_tokens_map.json; 4.x needs the old forms.
+    """
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = CHAT_TEMPLATE
+    config["additional_special_tokens"] = list(ROLE_TOKENS)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "additional_special_tokens": list(ROLE_TOKENS)}
+    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
 
 # "tiny" keeps tests fast; "small" is big enough that batching/paging effects show up in benchmarks.
@@ -137,7 +156,7 @@ _SIZES: dict[str, dict[str, Any]] = {
 # Per-matrix gains for std = gain / sqrt(fan_in), so every size behaves alike. Sharp q/k make attention pick out
 # specific earlier tokens (outputs then depend on context, so KV-cache bugs change tokens); strong v/o let that
 # context compete with the current token's embedding in the residual stream.
-_GAINS = {"q_proj": 3.0, "k_proj": 3.0, "v_proj": 1.5, "o_proj": 2.0, "lm_head": 2.0}
+_GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head": 2.0}
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
 _NORM_STD = 0.2
@@ -245,7 +264,7 @@ def _cache_root() -> Path:
 
 def default_tiny_model_dir(arch: str = "llama") -> Path:
     """Returns the cached default tiny checkpoint, building it once (into a temp dir, then an atomic rename)."""
-    target = _cache_root() / f"tiny-{arch}"
+    target = _cache_root() / f"tiny-{arch}-v{TINY_FORMAT_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -263,8 +282,3 @@ def default_tiny_model_dir(arch: str = "llama") -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built tiny %s checkpoint at %s", arch, target)
     return target
-
-
-def describe(path: str | Path) -> dict[str, Any]:
-    """Reads back config.json (handy for scripts and logs)."""
-    return json.loads((Path(path) / "config.json").read_text())

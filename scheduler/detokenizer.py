@@ -1,4 +1,4 @@
-"""Incremental detokenization: output token ids to text, one token at a time, in O(1) per token."""
+"""Incremental detokenization: output token ids to text, one token at a time, at a cost independent of length."""
 
 from __future__ import annotations
 
@@ -7,17 +7,20 @@ from typing import Any
 # Prompt tokens decoded ahead of the first output token so it gets its context (leading spaces etc.).
 _PROMPT_CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
-# A UTF-8 character spans at most 4 tokens; a longer run still ending in U+FFFD is invalid bytes from the model,
-# emitted as they decode so the window (and the cost per token) stays bounded.
-_MAX_PENDING_TOKENS = 16
+# A UTF-8 character spans at most 4 tokens, so a longer pending run still ending in U+FFFD holds invalid bytes
+# (a random model) or characters chained across token boundaries (BPE merges inside CJK runs). Past this many
+# pending tokens we look for a boundary to emit up to, so garbage cannot grow the window (and the cost) forever.
+_MAX_PENDING_TOKENS = 8
+_CUT_SEARCH_TOKENS = 4
 
 
 class IncrementalDetokenizer:
     """Turns output token ids into text one token at a time, never emitting half a UTF-8 character.
 
-    Keeps a small window of ids: `[prefix, read)` was already emitted and only provides context, `[read, end)`
-    is pending. Each step decodes the window and emits what goes past the context text, unless the text ends in
-    U+FFFD (a multi-byte character still waiting for its last bytes); then the window just grows by one token.
+    Keeps a small window of ids: `[0, read)` was already emitted and only provides context, `[read, end)` is
+    pending. Each step decodes the window and emits what goes past the context text, unless the text ends in
+    U+FFFD (a multi-byte character still waiting for its last bytes); then the token stays pending. A long
+    pending run is emitted up to a boundary no character straddles, so invalid bytes cannot grow the window.
     When skipping special tokens, they never enter the window: the tokenizer drops them before decoding anyway.
 
     `final_text()` is the streamed text plus whatever is still pending, so streaming and non-streaming clients
@@ -60,16 +63,33 @@ class IncrementalDetokenizer:
             return ""
         self._window.append(token_id)
         text = self._decode(self._window)
-        incomplete = text.endswith(_REPLACEMENT_CHAR) and len(self._window) - self._read < _MAX_PENDING_TOKENS
-        if len(text) <= self._context_len or incomplete:
-            return ""
+        if not text.endswith(_REPLACEMENT_CHAR):
+            return self._emit_up_to(len(self._window), text) if len(text) > self._context_len else ""
+        if len(self._window) - self._read >= _MAX_PENDING_TOKENS:
+            cut = self._find_clean_cut(text)
+            if cut is not None:
+                return self._emit_up_to(cut, self._decode(self._window[:cut]))
+        return ""
+
+    def _emit_up_to(self, cut: int, text: str) -> str:
+        """Emits `text` (the decode of window[:cut]) past the context, then slides the window forward."""
         new_text = text[self._context_len :]
-        # Slide: what was pending becomes the context of the next step, so the window stays a few tokens long.
-        self._window = self._window[self._read :]
-        self._read = len(self._window)
-        self._context_len = len(self._decode(self._window))
+        # What was pending becomes the next context, so the window stays a few tokens long.
+        start = self._read
+        self._window = self._window[start:]
+        self._read = cut - start
+        self._context_len = len(self._decode(self._window[: self._read]))
         self._text += new_text
         return new_text
+
+    def _find_clean_cut(self, text: str) -> int | None:
+        """A pending boundary no character straddles: decoding both sides apart gives the same text."""
+        end = len(self._window)
+        for cut in range(end - 1, max(self._read, end - 1 - _CUT_SEARCH_TOKENS), -1):
+            left = self._decode(self._window[:cut])
+            if len(left) > self._context_len and left + self._decode(self._window[cut:]) == text:
+                return cut
+        return None
 
     @property
     def output_text(self) -> str:

@@ -39,7 +39,7 @@ class Engine:
 
         self.config = config
         self.model_spec = load_model_spec(config.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
         self.max_model_len, self.max_num_batched_tokens = resolved_limits(config, self.model_spec.max_model_len_limit)
         if executor_factory is None:
             from rayinfer.workers.executor import InProcessExecutor as executor_factory

@@ -120,7 +120,9 @@ class Scheduler:
                 if not self.limits.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not self.block_manager.can_allocate(seq, num_new, admitting=True):
+            # The watermark keeps room for running sequences to grow; with none running it has nothing to protect,
+            # and holding it back would strand a sequence that fits the pool but not the pool minus the watermark.
+            if not self.block_manager.can_allocate(seq, num_new, admitting=bool(self.running)):
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, num_new)

@@ -129,3 +129,13 @@ def test_sharded_checkpoint_loads(tiny_checkpoint) -> None:
     prompts = _prompts(model_dir)
     ours, _ = _generate(model_dir, prompts)
     assert ours == hf_greedy(model_dir, prompts, NEW_TOKENS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding", "qwen2-bias"])
+def test_greedy_matches_transformers_on_cuda(name: str, tiny_checkpoint) -> None:
+    arch, overrides = CONFIGS[name]
+    model_dir = tiny_checkpoint(arch, **overrides)
+    prompts = _prompts(model_dir)
+    ours, _ = _generate(model_dir, prompts, max_num_batched_tokens=24, device="cuda")
+    assert ours == _reference(name, model_dir, prompts)

@@ -70,6 +70,6 @@ class ModelRunner:
         requests = [chunk.sample for chunk in plan.chunks if chunk.sample is not None]
         if not requests:
             return []
-        logits = self.model.compute_logits(hidden[sample_rows]).float()
+        logits = self.model.compute_logits(hidden[sample_rows])
         sampling = SamplingTensors.build(requests, self.vocab_size, self.device)
         return self.sampler(logits, sampling).tolist()

@@ -13,12 +13,12 @@ so a row draws the same token alone, in any batch, and in any order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from rayinfer.scheduler.sampling_params import SamplingParams
+from rayinfer.scheduler.step_plan import SampleRequest
 
 _MASK64 = (1 << 64) - 1
 
@@ -60,27 +60,6 @@ def counter_uniforms(seeds: Tensor, positions: Tensor, num_tokens: int) -> Tenso
     return (_shr(bits, 41) * 2 + 1).to(torch.float32) * (2.0**-24)
 
 
-class SamplingRowLike(Protocol):
-    """Anything shaped like `SamplingRow` (e.g. the scheduler's `SampleRequest`) can be built from."""
-
-    params: SamplingParams
-    seed: int
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    stop_ids_for_min_tokens: list[int]
-
-
-@dataclass
-class SamplingRow:
-    """One sequence that samples this step, as the model runner hands it to `SamplingTensors.build`."""
-
-    params: SamplingParams
-    seed: int  # always set: the engine draws one for unseeded requests
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    stop_ids_for_min_tokens: list[int]  # EOS ids (unless ignore_eos) + stop_token_ids
-
-
 @dataclass
 class SamplingTensors:
     """Per-row sampling settings as device tensors, plus batch flags that let the sampler skip work."""
@@ -104,7 +83,7 @@ class SamplingTensors:
     any_penalty: bool
 
     @classmethod
-    def build(cls, rows: Sequence[SamplingRowLike], vocab_size: int, device: torch.device | str) -> SamplingTensors:
+    def build(cls, rows: Sequence[SampleRequest], vocab_size: int, device: torch.device | str) -> SamplingTensors:
         if not rows:
             raise ValueError("SamplingTensors.build needs at least one row")
         if vocab_size < 1:

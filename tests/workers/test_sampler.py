@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from rayinfer.scheduler import SamplingParams
+from rayinfer.scheduler.step_plan import SampleRequest
 from rayinfer.workers.sampler import (
     Sampler,
-    SamplingRow,
     SamplingTensors,
     apply_penalties,
     counter_uniforms,
@@ -22,11 +22,11 @@ from rayinfer.workers.sampler import (
 M64 = (1 << 64) - 1
 
 
-def _row(params: SamplingParams, seed: int = 0, prompt=(), output=(), stop_ids=()) -> SamplingRow:
-    return SamplingRow(params, seed, list(prompt), list(output), list(stop_ids))
+def _row(params: SamplingParams, seed: int = 0, prompt=(), output=(), stop_ids=()) -> SampleRequest:
+    return SampleRequest(params, seed, list(prompt), list(output), list(stop_ids))
 
 
-def _sample(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def _sample(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     return Sampler()(logits, SamplingTensors.build(rows, logits.shape[1], "cpu"))
 
 
@@ -88,7 +88,7 @@ def test_build_sets_only_what_the_batch_needs() -> None:
     assert t.top_ks.tolist() == [50, 50]
 
 
-def _reference_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+def _reference_penalties(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
     out = logits.clone()
     for b, row in enumerate(rows):
         p = row.params
@@ -198,7 +198,7 @@ def test_draws_follow_the_distribution() -> None:
     assert _chi_square(torch.bincount(drawn, minlength=6).double(), expected) < 20.0
 
 
-def _mixed_rows(vocab: int) -> list[SamplingRow]:
+def _mixed_rows(vocab: int) -> list[SampleRequest]:
     rng = random.Random(3)
     choices = [
         SamplingParams(),
@@ -236,7 +236,6 @@ def test_draw_does_not_depend_on_the_batch() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_draws_match_cpu() -> None:
     seeds, positions = torch.arange(-50, 50), torch.arange(100) * 3
     cpu = counter_uniforms(seeds, positions, 1000)

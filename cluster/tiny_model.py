@@ -153,9 +153,9 @@ _SIZES: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Per-matrix gains for std = gain / sqrt(fan_in), so every size behaves alike. Sharp q/k make attention pick out
-# specific earlier tokens (outputs then depend on context, so KV-cache bugs change tokens); strong v/o let that
-# context compete with the current token's embedding in the residual stream.
+# Per-matrix gains for std = gain / sqrt(fan_in), so every size behaves alike. Sharper-than-default q/k make
+# attention pick out particular earlier tokens, so outputs depend on context and KV-cache bugs change tokens;
+# much sharper (gain 3) amplifies float32 rounding 10x, and a large o_proj over diffuse attention makes loops.
 _GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head": 2.0}
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
@@ -246,9 +246,10 @@ def build_tiny_checkpoint(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     config = _make_config(arch, size, len(tokenizer), special_ids, dict(config_overrides))
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _spread_init(model, tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):  # seed our weights without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _spread_init(model, tokenizer.eos_token_id)
     model.generation_config = GenerationConfig(**special_ids)
     save_kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size is not None:

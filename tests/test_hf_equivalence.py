@@ -49,6 +49,8 @@ CONFIGS = {
     "mistral-sliding": ("mistral", {"sliding_window": 16}),
     "qwen2-bias": ("qwen2", {}),
     "qwen2-mqa-tied": ("qwen2", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    # Sliding window on the layers from max_window_layers on, full attention below.
+    "qwen2-sliding": ("qwen2", {"use_sliding_window": True, "sliding_window": 12, "max_window_layers": 1}),
 }
 
 

@@ -67,7 +67,6 @@ class InProcessExecutor(Executor):
             raise ValueError("tensor_parallel_size > 1 needs distributed_executor_backend='ray'")
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, spec, device)
-        torch.manual_seed(config.seed)
         model = build_model(spec, config.model, dtype, device, max_model_len)
         block_bytes = bytes_per_block(spec.num_layers, config.block_size, spec.num_kv_heads, spec.head_dim, dtype)
         self.num_blocks = pool_bytes(config, block_bytes, device, max_model_len) // block_bytes

@@ -58,7 +58,7 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             query_start_loc=self._tensor(starts),
             seq_lens=self._tensor(seq_lens),
-            block_tables=self._tensor(tables) if tables else self._tensor([]).view(0, 0),
+            block_tables=self._tensor(tables),
             rope_lengths=self._tensor(rope_lengths) if dynamic_rope else None,
         )
         return self._tensor(input_ids), meta, self._tensor(sample_rows)

@@ -22,6 +22,7 @@ from rayinfer.scheduler.engine import Engine
 from rayinfer.scheduler.outputs import RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.step_plan import StepPlan
+from rayinfer.workers.executor import Executor
 
 MAX_MODEL_LEN = 160
 FIRST_PLAIN_ID = 6  # the tiny tokenizer's ids 0..5 are special: BOS, EOS, PAD and the chat role tokens
@@ -33,7 +34,7 @@ def fake_token(seq_id: int, position: int) -> int:
     return FIRST_PLAIN_ID + (seq_id * 7919 + position * 104729 + 12345) % (VOCAB - FIRST_PLAIN_ID)
 
 
-class FakeExecutor:
+class FakeExecutor(Executor):
     """Checks each StepPlan against the engine's state and returns deterministic tokens."""
 
     def __init__(
@@ -105,9 +106,6 @@ class FakeExecutor:
         assert scheduled_ids <= {seq.seq_id for seq in running}
         assert len(running) <= engine.config.max_num_seqs
         self.max_blocks_in_use = max(self.max_blocks_in_use, len(held))
-
-    def shutdown(self) -> None:
-        pass
 
 
 def make_engine(model_dir: Path, num_blocks: int, **config: object) -> Engine:

@@ -31,15 +31,32 @@ def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int
     return gathered.flatten(1, 2)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], allowed [B, Lq, Lk] -> [B, Lq, Hq, D]; GQA without copying K/V."""
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    soft_cap: float | None,
+    alibi_bias: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+) -> torch.Tensor:
+    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], allowed [B, Lq, Lk] -> [B, Lq, Hq, D]; GQA without copying K/V.
+
+    alibi_bias [B, Lq, Lk] holds k_pos - q_pos; each head scales it by its slope.
+    """
     batch, q_len, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[2]
     group = num_heads // num_kv_heads
     qg = q.view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     kg = k.permute(0, 2, 1, 3).unsqueeze(2)
     vg = v.permute(0, 2, 1, 3).unsqueeze(2)
-    scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) * scale
+    scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, Lk]
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.float().view(1, num_kv_heads, group, 1, 1)
+        scores = scores + slopes * alibi_bias[:, None, None].float()
     scores.masked_fill_(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, vg.float())  # [B, Hkv, G, Lq, D]
@@ -65,13 +82,29 @@ def paged_attention_reference(
     seq_lens: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D]. Decode rows are batched in one gather; each prefill chunk runs on its own."""
+    """q [T, Hq, D] -> [T, Hq, D]. Decode rows are batched in one gather; each prefill chunk runs on its own.
+
+    sliding_window: a query sees keys less than this many positions behind it. soft_cap: scores become
+    cap * tanh(score / cap) (after scaling). alibi_slopes [Hq]: adds slope * (k_pos - q_pos).
+    max_query_len / max_seq_len / num_splits are launch hints for the Triton kernel; results do not depend on them.
+    """
     starts = query_start_loc.tolist()
     lengths = seq_lens.tolist()
     query_lens = [starts[i + 1] - starts[i] for i in range(len(lengths))]
     out = torch.empty_like(q)
     device = q.device
+
+    def attend(q_rows, k, v, q_pos, lens):
+        k_pos = torch.arange(k.shape[1], device=device)
+        allowed = _allowed(q_pos, k_pos, lens, sliding_window)
+        bias = (k_pos[None, None, :] - q_pos[:, :, None]) if alibi_slopes is not None else None
+        return _attend(q_rows, k, v, allowed, scale, soft_cap, bias, alibi_slopes)
 
     decode_rows = [i for i, n in enumerate(query_lens) if n == 1]
     if decode_rows:
@@ -81,9 +114,7 @@ def paged_attention_reference(
         longest = max(lengths[i] for i in decode_rows)
         k = _gather_context(k_cache, block_tables[rows], longest)
         v = _gather_context(v_cache, block_tables[rows], longest)
-        k_pos = torch.arange(k.shape[1], device=device)
-        allowed = _allowed((lens - 1)[:, None], k_pos, lens, sliding_window)
-        out[token_idx] = _attend(q[token_idx].unsqueeze(1), k, v, allowed, scale).squeeze(1)
+        out[token_idx] = attend(q[token_idx].unsqueeze(1), k, v, (lens - 1)[:, None], lens).squeeze(1)
 
     for i, q_len in enumerate(query_lens):
         if q_len <= 1:
@@ -91,8 +122,6 @@ def paged_attention_reference(
         start, length = starts[i], lengths[i]
         k = _gather_context(k_cache, block_tables[i : i + 1], length)
         v = _gather_context(v_cache, block_tables[i : i + 1], length)
-        k_pos = torch.arange(k.shape[1], device=device)
         q_pos = torch.arange(length - q_len, length, device=device)[None]
-        allowed = _allowed(q_pos, k_pos, seq_lens[i : i + 1], sliding_window)
-        out[start : start + q_len] = _attend(q[start : start + q_len].unsqueeze(0), k, v, allowed, scale)[0]
+        out[start : start + q_len] = attend(q[start : start + q_len].unsqueeze(0), k, v, q_pos, seq_lens[i : i + 1])[0]
     return out

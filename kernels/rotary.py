@@ -1,29 +1,36 @@
-"""Rotary position embedding applied to q and k from precomputed cos/sin rows."""
+"""Rotary position embedding applied in place to q and k, from cos/sin tables indexed by position."""
 from __future__ import annotations
 
 import torch
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply_rotary_reference(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+def rotary_embedding_reference(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    is_neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotation of the first `rot_dim` features of each head.
+    """Rotates the first `rot_dim = 2 * cos_cache.shape[1]` features of every head of q [T, Hq, D] and k [T, Hk, D].
 
-    q: [T, Hq, D], k: [T, Hk, D], cos/sin: [T, rot_dim] (float32, already duplicated across halves).
+    cos_cache/sin_cache: [N, rot_dim / 2] float32, row `positions[t]` for token t. Neox style pairs feature i with
+    i + rot_dim/2; GPT-J style pairs 2i with 2i + 1. Math in float32, written back in the input dtype.
     """
-    rot_dim = cos.shape[-1]
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-        x32 = x_rot.float()
-        rotated = (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
-        return rotated if x_pass.shape[-1] == 0 else torch.cat((rotated, x_pass), dim=-1)
-
-    return rotate(q), rotate(k)
+    cos = cos_cache[positions].unsqueeze(1)
+    sin = sin_cache[positions].unsqueeze(1)
+    half = cos_cache.shape[1]
+    for x in (q, k):
+        rot = x[..., : 2 * half].float()
+        if is_neox:
+            first, second = rot[..., :half], rot[..., half:]
+        else:
+            first, second = rot[..., 0::2], rot[..., 1::2]
+        new_first = first * cos - second * sin
+        new_second = second * cos + first * sin
+        if is_neox:
+            rotated = torch.cat((new_first, new_second), dim=-1)
+        else:
+            rotated = torch.stack((new_first, new_second), dim=-1).flatten(-2)
+        x[..., : 2 * half] = rotated.to(x.dtype)
+    return q, k

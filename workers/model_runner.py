@@ -59,6 +59,8 @@ class ModelRunner:
             query_start_loc=self._tensor(starts),
             seq_lens=self._tensor(seq_lens),
             block_tables=self._tensor(tables),
+            max_query_len=max(len(chunk.token_ids) for chunk in plan.chunks),
+            max_seq_len=max(seq_lens),
             rope_lengths=self._tensor(rope_lengths) if dynamic_rope else None,
         )
         return self._tensor(input_ids), meta, self._tensor(sample_rows)

@@ -18,6 +18,8 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [B + 1] where each sequence's tokens start in the batch
     seq_lens: torch.Tensor  # [B] context length of each sequence once this step's tokens are in
     block_tables: torch.Tensor  # [B, max_blocks] block ids, padded with 0
+    max_query_len: int  # longest chunk in the step (host int: sizes kernel launches without a device sync)
+    max_seq_len: int  # longest context in the step
     rope_lengths: torch.Tensor | None = None  # [T] only for dynamic-NTK rope
 
 
@@ -42,6 +44,15 @@ class PagedAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = kernels.paged_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale, self.sliding_window
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            self.scale,
+            self.sliding_window,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
         )
         return out.reshape(-1, self.num_heads * self.head_dim)

@@ -30,11 +30,11 @@ def _llama3_inv_freq(spec: RopeSpec) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Holds cos/sin per position for the whole context; rows are picked by position each step.
+    """Holds half-width cos/sin tables for every position of the context; kernels pick rows by position.
 
     Dynamic NTK scaling, as transformers applies it to a sequence run alone, rotates a token with the
-    frequencies for length max(prompt_len, position + 1) once that exceeds max_position_embeddings; those
-    tokens get their tables computed on the fly from `rope_lengths`.
+    frequencies for length max(prompt_len, position + 1) once that exceeds max_position_embeddings; a step
+    with such tokens gets its own small table, one row per token.
     """
 
     def __init__(self, spec: RopeSpec, max_len: int) -> None:
@@ -46,35 +46,28 @@ class RotaryEmbedding(nn.Module):
             inv_freq = _inv_freq(spec.theta, spec.rot_dim)
         if spec.kind == "linear":
             inv_freq = inv_freq / spec.factor
-        positions = torch.arange(max_len, dtype=torch.float32)
-        cos, sin = self._tables(positions[:, None] * inv_freq[None, :])
-        self.register_buffer("cos_cache", cos, persistent=False)
-        self.register_buffer("sin_cache", sin, persistent=False)
+        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
     @property
     def is_dynamic(self) -> bool:
         return self.spec.kind == "dynamic"
 
-    @staticmethod
-    def _tables(freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
     def forward(
         self, positions: torch.Tensor, rope_lengths: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = self.cos_cache[positions], self.sin_cache[positions]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (cos table, sin table, row of each token in them)."""
         if not self.is_dynamic or rope_lengths is None:
-            return cos, sin
+            return self.cos_cache, self.sin_cache, positions
         limit = self.spec.max_position_embeddings
         stretched = rope_lengths > limit
         if not bool(stretched.any()):
-            return cos, sin
+            return self.cos_cache, self.sin_cache, positions
         spec = self.spec
         lengths = rope_lengths[stretched].float()
         base = spec.theta * ((spec.factor * lengths / limit) - (spec.factor - 1)) ** (spec.rot_dim / (spec.rot_dim - 2))
-        inv_freq = _inv_freq(base.to(cos.device), spec.rot_dim)
-        dyn_cos, dyn_sin = self._tables(positions[stretched].float()[:, None] * inv_freq)
-        cos, sin = cos.clone(), sin.clone()
-        cos[stretched], sin[stretched] = dyn_cos, dyn_sin
-        return cos, sin
+        freqs = positions[stretched].float()[:, None] * _inv_freq(base, spec.rot_dim).to(positions.device)
+        cos, sin = self.cos_cache[positions], self.sin_cache[positions]
+        cos[stretched], sin[stretched] = freqs.cos(), freqs.sin()
+        return cos, sin, torch.arange(positions.shape[0], device=positions.device)

@@ -12,6 +12,8 @@ from rayinfer.workers.layers.norm import RMSNorm
 from rayinfer.workers.layers.rotary import RotaryEmbedding
 from rayinfer.workers.model_config import ModelSpec
 
+RopeTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos table, sin table, row per token
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, spec: ModelSpec, layer_index: int) -> None:
@@ -27,12 +29,13 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, spec.head_dim, spec.sliding_windows[layer_index]
         )
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         tokens = x.shape[0]
-        q, k = kernels.apply_rotary(
-            q.reshape(tokens, -1, self.head_dim), k.reshape(tokens, -1, self.head_dim), cos, sin
-        )
+        q = q.reshape(tokens, -1, self.head_dim)
+        k = k.reshape(tokens, -1, self.head_dim)
+        cos, sin, rows = rope
+        kernels.rotary_embedding(rows, q, k, cos, sin, True)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -61,15 +64,14 @@ class LlamaDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: RopeTables,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, meta)
+        x = self.self_attn(x, rope, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -83,10 +85,10 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(spec.rope, max_len)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        cos, sin = self.rotary_emb(meta.positions, meta.rope_lengths)
+        rope = self.rotary_emb(meta.positions, meta.rope_lengths)
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, meta)
+            x, residual = layer(x, residual, rope, meta)
         x, _ = self.norm(x, residual)
         return x
 

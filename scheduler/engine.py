@@ -5,7 +5,7 @@ import itertools
 import logging
 import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.block_manager import BlockManager, blocks_for
@@ -15,10 +15,9 @@ from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from rayinfer.scheduler.sequence import Request, Sequence
-from rayinfer.scheduler.step_plan import SampleRequest, SequenceChunk, StepPlan
+from rayinfer.scheduler.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
 
-if TYPE_CHECKING:
-    from rayinfer.workers.executor import Executor
+from rayinfer.scheduler.executor_interface import Executor, WorkerGroupFailure
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,9 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
         self.max_model_len, self.max_num_batched_tokens = resolved_limits(config, self.model_spec.max_model_len_limit)
         if executor_factory is None:
-            from rayinfer.workers.executor import InProcessExecutor as executor_factory
+            from rayinfer.workers.executor import default_executor_factory
+
+            executor_factory = default_executor_factory(config)
         self.executor = executor_factory(config, self.model_spec, self.max_model_len, self.max_num_batched_tokens)
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size)
         pool_tokens = self.executor.num_blocks * config.block_size
@@ -60,6 +61,9 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
+        # What the workers hold: block ids sent per live sequence, and sequences they may forget next step.
+        self._sent_blocks: dict[int, int] = {}
+        self._forget: list[int] = []
         self._seed_rng = random.Random(config.seed)
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
@@ -146,7 +150,7 @@ class Engine:
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._release(seq)
         return self._request_output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -164,7 +168,13 @@ class Engine:
             if self.scheduler.has_work():
                 raise RuntimeError("scheduler made no progress with requests pending; this is a bug")
             return []
-        tokens = self.executor.execute(self._step_plan(plan))
+        for seq in plan.preempted:
+            if seq.seq_id in self._sent_blocks:
+                self._sent_blocks[seq.seq_id] = 0  # its blocks are gone: the table starts over
+        try:
+            tokens = self.executor.execute(self._step_plan(plan))
+        except WorkerGroupFailure as exc:
+            return self._recover(exc)
         for scheduled in plan.scheduled:
             scheduled.seq.num_computed_tokens += scheduled.num_new_tokens
         touched: dict[str, Request] = {}
@@ -176,7 +186,7 @@ class Engine:
             touched[request.request_id] = request
             try:
                 if self.output_processor.append(seq, token_id):
-                    self.scheduler.finish(seq)
+                    self._release(seq)
             except Exception as exc:  # one request's failure must not take the others down
                 logger.exception("request %s failed while processing its output", request.request_id)
                 self._fail_request(request, f"{type(exc).__name__}: {exc}")
@@ -187,40 +197,69 @@ class Engine:
         return outputs
 
     def _step_plan(self, plan: SchedulerOutput) -> StepPlan:
-        chunks = []
+        step = StepPlan(chunks=[], finished_seq_ids=self._forget)
+        self._forget = []
         for scheduled in plan.scheduled:
             seq = scheduled.seq
+            sent = self._sent_blocks.get(seq.seq_id)
+            if sent is None:
+                step.new_sequences.append(NewSequence(seq.seq_id, seq.num_prompt_tokens, self._sample_request(seq)))
+                sent = 0
             start = seq.num_computed_tokens
-            chunks.append(
+            step.chunks.append(
                 SequenceChunk(
                     seq_id=seq.seq_id,
                     token_ids=seq.token_ids[start : start + scheduled.num_new_tokens],
                     start_position=start,
-                    block_table=seq.block_table,
-                    num_prompt_tokens=seq.num_prompt_tokens,
-                    sample=self._sample_request(seq) if scheduled.samples else None,
+                    new_blocks=seq.block_table[sent:],
+                    reset_blocks=sent == 0,
+                    sample=scheduled.samples,
                 )
             )
-        return StepPlan(chunks)
+            self._sent_blocks[seq.seq_id] = len(seq.block_table)
+        return step
 
-    @staticmethod
-    def _sample_request(seq: Sequence) -> SampleRequest:
+    def _sample_request(self, seq: Sequence) -> SampleRequest:
         request = seq.request
-        held_back = len(seq.output_token_ids) < request.params.min_tokens
         return SampleRequest(
             params=request.params,
             seed=seq.seed,
             prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
-            stop_ids_for_min_tokens=sorted(request.stop_token_ids) if held_back else [],
+            output_token_ids=list(seq.output_token_ids),  # the sampling worker extends its own copy
+            stop_ids_for_min_tokens=sorted(request.stop_token_ids) if request.params.min_tokens else [],
         )
+
+    def _release(self, seq: Sequence) -> None:
+        """Frees a sequence that ended and tells the workers to drop it with the next step."""
+        self.scheduler.finish(seq)
+        if self._sent_blocks.pop(seq.seq_id, None) is not None:
+            self._forget.append(seq.seq_id)
+
+    def _recover(self, failure: Exception) -> list[RequestOutput]:
+        """Brings up a fresh worker group and recomputes every live sequence from its text, or fails them all."""
+        logger.error("worker group failed (%s); replacing it", failure)
+        self._sent_blocks.clear()
+        self._forget = []
+        self.scheduler.preempt_all()
+        try:
+            self.executor.restart()
+        except Exception as exc:
+            message = f"the worker group failed ({failure}) and could not be replaced: {exc}"
+            logger.error(message)
+            outputs = []
+            for request in list(self.requests.values()):
+                self._fail_request(request, message)
+                outputs.append(self._request_output(request))
+                del self.requests[request.request_id]
+            return outputs
+        return []
 
     def _fail_request(self, request: Request, message: str) -> None:
         request.error = message
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "error"
-                self.scheduler.finish(seq)
+                self._release(seq)
 
     def _request_output(self, request: Request) -> RequestOutput:
         outputs = [

@@ -94,6 +94,12 @@ class Scheduler:
                 return False
         return True
 
+    def preempt_all(self) -> None:
+        """Sends every running sequence back to the queue for recompute (the workers lost their KV caches)."""
+        out = SchedulerOutput()
+        for seq in reversed(list(self.running)):
+            self._preempt(seq, out)
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         for i, scheduled in enumerate(out.scheduled):
             if scheduled.seq is seq:

@@ -1,37 +1,53 @@
-"""What the scheduler hands the executor for one step: plain data, cheap to pickle to worker actors."""
+"""What the scheduler sends the workers for one step: only what changed since the last step.
+
+Workers keep, per sequence, its block table and sampling state. A plan introduces new sequences once,
+appends the blocks each sequence gained, names the tokens to run, and lists the sequences the workers may
+forget. Plain data: cheap to pickle to worker actors.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rayinfer.scheduler.sampling_params import SamplingParams
 
 
 @dataclass
 class SampleRequest:
-    """Everything the sampler needs for one sequence that draws a token this step."""
+    """A sequence's sampling state on the worker that samples (rank 0); it appends each token it draws."""
 
     params: SamplingParams
     seed: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]
-    stop_ids_for_min_tokens: list[int]
+    stop_ids_for_min_tokens: list[int]  # EOS (unless ignore_eos) and stop_token_ids, banned below min_tokens
+
+
+@dataclass
+class NewSequence:
+    """Sent the first time workers see a sequence (or after they lost their state)."""
+
+    seq_id: int
+    num_prompt_tokens: int
+    sampling: SampleRequest
 
 
 @dataclass
 class SequenceChunk:
-    """The tokens of one sequence that run in this step, and where their K/V goes."""
+    """The tokens of one sequence that run in this step, and the blocks its table gained."""
 
     seq_id: int
     token_ids: list[int]
     start_position: int
-    block_table: list[int]
-    num_prompt_tokens: int
-    sample: SampleRequest | None  # None while a prompt chunk leaves more of the prompt for later steps
+    new_blocks: list[int]
+    reset_blocks: bool  # the table starts over from new_blocks (a new or preempted sequence)
+    sample: bool  # draws a token: this chunk ends the sequence's known text
 
 
 @dataclass
 class StepPlan:
     chunks: list[SequenceChunk]
+    new_sequences: list[NewSequence] = field(default_factory=list)
+    finished_seq_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -39,4 +55,4 @@ class StepPlan:
 
     @property
     def num_samples(self) -> int:
-        return sum(chunk.sample is not None for chunk in self.chunks)
+        return sum(chunk.sample for chunk in self.chunks)

@@ -8,9 +8,12 @@ from typing import Any
 import pytest
 import torch
 
-from rayinfer.cluster.tiny_model import build_tiny_checkpoint
-
+# Without a GPU, Triton kernels run in its interpreter on CPU tensors; this must be set before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from rayinfer.cluster.tiny_model import build_tiny_checkpoint  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 _built: dict[tuple, Path] = {}

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from rayinfer.configs import EngineConfig
+
 logger = logging.getLogger(__name__)
 
 # On CPU the pool lives in RAM next to everything else, so it takes a modest share by default.
@@ -26,6 +28,19 @@ def default_cpu_pool_bytes(block_bytes: int, block_size: int, max_num_seqs: int,
     """A fraction of RAM, but never more than max_num_seqs full-length sequences could use."""
     useful_blocks = max_num_seqs * -(-max_model_len // block_size)
     return min(int(_total_ram_bytes() * CPU_DEFAULT_RAM_FRACTION), useful_blocks * block_bytes)
+
+
+def pool_bytes(config: EngineConfig, block_bytes: int, device: torch.device, max_model_len: int) -> int:
+    """Bytes this worker gives its KV pool: as configured, else what the device can spare."""
+    if config.kv_cache_memory_bytes is not None:
+        return config.kv_cache_memory_bytes
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        used_by_others = total - free
+        # Leave room for activations of the largest step; a profiling forward refines this in the Ray runtime.
+        reserve = int(0.05 * total)
+        return max(0, int(total * config.gpu_memory_utilization) - used_by_others - reserve)
+    return default_cpu_pool_bytes(block_bytes, config.block_size, config.max_num_seqs, max_model_len)
 
 
 class KVPool:

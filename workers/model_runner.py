@@ -26,7 +26,7 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    def prepare(self, plan: StepPlan) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def prepare(self, plan: StepPlan, sequences: dict) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
         """Builds (input ids, attention metadata, indices of the rows whose logits are needed)."""
         block_size = self.block_size
         input_ids: list[int] = []
@@ -37,22 +37,25 @@ class ModelRunner:
         sample_rows: list[int] = []
         rope_lengths: list[int] = []
         dynamic_rope = getattr(self.model, "uses_dynamic_rope", False)
+        tables: list[list[int]] = []
         for chunk in plan.chunks:
+            state = sequences[chunk.seq_id]
             begin = chunk.start_position
             end = begin + len(chunk.token_ids)
-            table = chunk.block_table
+            table = state.block_table
+            tables.append(table)
             input_ids.extend(chunk.token_ids)
             span = range(begin, end)
             positions.extend(span)
             slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
             if dynamic_rope:
-                rope_lengths.extend(max(chunk.num_prompt_tokens, p + 1) for p in span)
+                rope_lengths.extend(max(state.num_prompt_tokens, p + 1) for p in span)
             starts.append(starts[-1] + len(chunk.token_ids))
             seq_lens.append(end)
-            if chunk.sample is not None:
+            if chunk.sample:
                 sample_rows.append(starts[-1] - 1)
-        width = max(len(chunk.block_table) for chunk in plan.chunks)
-        tables = [chunk.block_table + [0] * (width - len(chunk.block_table)) for chunk in plan.chunks]
+        width = max(len(table) for table in tables)
+        tables = [table + [0] * (width - len(table)) for table in tables]
         meta = AttentionMetadata(
             positions=self._tensor(positions),
             slot_mapping=self._tensor(slots),
@@ -66,12 +69,15 @@ class ModelRunner:
         return self._tensor(input_ids), meta, self._tensor(sample_rows)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[int]:
-        input_ids, meta, sample_rows = self.prepare(plan)
+    def execute(self, plan: StepPlan, sequences: dict, sample: bool = True) -> list[int]:
+        """Forward over the step; logits for the chunks that sample; tokens drawn when `sample` (rank 0)."""
+        input_ids, meta, sample_rows = self.prepare(plan, sequences)
         hidden = self.model(input_ids, meta)
-        requests = [chunk.sample for chunk in plan.chunks if chunk.sample is not None]
-        if not requests:
+        if sample_rows.numel() == 0:
             return []
-        logits = self.model.compute_logits(hidden[sample_rows])
+        logits = self.model.compute_logits(hidden[sample_rows])  # a collective under tensor parallelism
+        if not sample:
+            return []
+        requests = [sequences[chunk.seq_id].sampling for chunk in plan.chunks if chunk.sample]
         sampling = SamplingTensors.build(requests, self.vocab_size, self.device)
         return self.sampler(logits, sampling).tolist()

@@ -22,7 +22,8 @@ from rayinfer.scheduler.engine import Engine
 from rayinfer.scheduler.outputs import RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.step_plan import StepPlan
-from rayinfer.workers.executor import Executor
+from rayinfer.scheduler.executor_interface import Executor
+from rayinfer.workers.worker import SequenceStates
 
 MAX_MODEL_LEN = 160
 FIRST_PLAIN_ID = 6  # the tiny tokenizer's ids 0..5 are special: BOS, EOS, PAD and the chat role tokens
@@ -47,6 +48,7 @@ class FakeExecutor(Executor):
         self.num_blocks = num_blocks
         self.engine: Engine | None = None  # set after construction, for checks on sequences not in the plan
         self.known: dict[int, list[int]] = {}  # seq_id -> every token of its text seen so far (fed or sampled)
+        self.states = SequenceStates()  # rebuilt from the plans' deltas alone, as a worker does
         self.num_steps = 0
         self.num_recomputes = 0
         self.max_blocks_in_use = 0
@@ -59,12 +61,14 @@ class FakeExecutor(Executor):
         assert len(seq_ids) == len(set(seq_ids)), "a sequence appears twice in one step"
         blocks_in_plan: set[int] = set()
         tokens = []
+        self.states.apply(plan)
         for chunk in plan.chunks:
             n = len(chunk.token_ids)
             assert n >= 1
             end = chunk.start_position + n
             assert end <= self.max_model_len
-            table = chunk.block_table
+            state = self.states[chunk.seq_id]
+            table = state.block_table
             assert len(table) * self.block_size >= end, "the block table does not cover the chunk's tokens"
             assert len(table) == blocks_for(end, self.block_size), "the block table holds blocks it does not need"
             assert all(0 <= block < self.num_blocks for block in table)
@@ -72,16 +76,17 @@ class FakeExecutor(Executor):
             assert not blocks_in_plan & set(table), "two sequences in one step share a block"
             blocks_in_plan |= set(table)
             if not self.config.enable_chunked_prefill:
-                assert chunk.sample is not None, "a prompt was split although chunked prefill is off"
-            self._check_text(chunk.seq_id, chunk.start_position, chunk.token_ids, chunk.num_prompt_tokens)
-            if chunk.sample is not None:
+                assert chunk.sample, "a prompt was split although chunked prefill is off"
+            self._check_text(chunk.seq_id, chunk.start_position, chunk.token_ids, state.num_prompt_tokens)
+            if chunk.sample:
                 known = self.known[chunk.seq_id]
                 assert end == len(known), "a chunk samples while some of its sequence's tokens are not computed"
-                assert chunk.sample.prompt_token_ids == known[: chunk.num_prompt_tokens]
-                assert chunk.sample.output_token_ids == known[chunk.num_prompt_tokens :]
+                assert state.sampling.prompt_token_ids == known[: state.num_prompt_tokens]
+                assert state.sampling.output_token_ids == known[state.num_prompt_tokens :]
                 token = fake_token(chunk.seq_id, end)
                 known.append(token)
                 tokens.append(token)
+        self.states.record_samples(plan, tokens)
         if self.engine is not None:
             self._check_live_sequences(set(seq_ids))
         return tokens
@@ -99,6 +104,10 @@ class FakeExecutor(Executor):
         engine = self.engine
         running = engine.scheduler.running
         held = [block for seq in running for block in seq.block_table]
+        for seq in running:
+            if seq.seq_id in scheduled_ids:
+                assert self.states[seq.seq_id].block_table == seq.block_table, "worker tables drifted from the engine's"
+        assert set(self.states) <= {s.seq_id for r in engine.requests.values() for s in r.seqs}, "workers keep dead sequences"
         assert len(held) == len(set(held)), "a block id is in two live sequences' block tables"
         assert len(held) <= self.num_blocks
         assert len(held) + engine.num_free_blocks == self.num_blocks, "blocks leaked or double-counted"

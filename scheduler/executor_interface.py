@@ -1,0 +1,30 @@
+"""The contract between the engine and whatever runs its steps (in-process worker or Ray worker actors)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from rayinfer.scheduler.step_plan import StepPlan
+
+
+class WorkerGroupFailure(RuntimeError):
+    """A worker died or stopped answering; `Executor.restart` may bring up a fresh group."""
+
+
+class Executor(ABC):
+    """Runs steps on one or more workers that hold the model and the KV pool."""
+
+    num_blocks: int
+
+    @abstractmethod
+    def execute(self, plan: StepPlan) -> list[int]:
+        """Runs one step; returns the token drawn for each chunk that samples, in plan order.
+
+        Raises WorkerGroupFailure when a worker is lost; the workers' per-sequence state is then gone.
+        """
+
+    def restart(self) -> None:
+        """Replaces a failed worker group with a fresh one with the same block count; raises if it cannot."""
+        raise WorkerGroupFailure("this executor cannot replace its workers")
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Releases workers; the in-process executor has nothing to release."""

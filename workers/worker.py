@@ -1,0 +1,133 @@
+"""One rank of the model: its weight shard, its KV pool, and the per-sequence state steps build on.
+
+The in-process executor holds one `Worker`; the Ray executor runs one per GPU (or CPU slot) as an actor.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rayinfer.configs import EngineConfig
+from rayinfer.scheduler.step_plan import SampleRequest, StepPlan
+from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
+from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.model_runner import ModelRunner
+from rayinfer.workers.parallel_state import set_tensor_parallel_group
+from rayinfer.workers.device import resolve_device, resolve_dtype
+from rayinfer.workers.weight_loader import build_model
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSequence:
+    block_table: list[int]
+    num_prompt_tokens: int
+    sampling: SampleRequest
+
+
+class SequenceStates(dict[int, WorkerSequence]):
+    """What a worker knows of each live sequence, kept current by the deltas in each StepPlan."""
+
+    def apply(self, plan: StepPlan) -> None:
+        for seq_id in plan.finished_seq_ids:
+            self.pop(seq_id, None)
+        for new in plan.new_sequences:
+            self[new.seq_id] = WorkerSequence([], new.num_prompt_tokens, new.sampling)
+        for chunk in plan.chunks:
+            table = self[chunk.seq_id].block_table
+            if chunk.reset_blocks:
+                table.clear()
+            table.extend(chunk.new_blocks)
+
+    def record_samples(self, plan: StepPlan, tokens: list[int]) -> None:
+        sampled = (chunk.seq_id for chunk in plan.chunks if chunk.sample)
+        for seq_id, token in zip(sampled, tokens, strict=True):
+            self[seq_id].sampling.output_token_ids.append(token)
+
+
+def pick_rendezvous_address() -> tuple[str, int]:
+    """This host's address and a port free right now, for torch.distributed's TCP rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    try:
+        host = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        host = "127.0.0.1"
+    return host, port
+
+
+class Worker:
+    def __init__(
+        self,
+        config: EngineConfig,
+        spec: ModelSpec,
+        max_model_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.config = config
+        self.spec = spec
+        self.max_model_len = max_model_len
+        self.rank = rank
+        self.world_size = world_size
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, spec, self.device)
+        self.sequences = SequenceStates()
+        self.runner: ModelRunner | None = None
+        self.model: torch.nn.Module | None = None
+
+    # ------------------------------------------------------------ setup
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        return pick_rendezvous_address()
+
+    def init_distributed(self, host: str, port: int) -> None:
+        if self.world_size > 1:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(
+                backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size
+            )
+        set_tensor_parallel_group(self.rank, self.world_size)
+
+    def load_model(self) -> None:
+        self.model = build_model(self.spec, self.config.model, self.dtype, self.device, self.max_model_len)
+
+    def _block_bytes(self) -> int:
+        kv_heads = max(1, self.spec.num_kv_heads // self.world_size)
+        return bytes_per_block(self.spec.num_layers, self.config.block_size, kv_heads, self.spec.head_dim, self.dtype)
+
+    def num_available_blocks(self) -> int:
+        block_bytes = self._block_bytes()
+        return pool_bytes(self.config, block_bytes, self.device, self.max_model_len) // block_bytes
+
+    def init_cache(self, num_blocks: int) -> None:
+        kv_heads = max(1, self.spec.num_kv_heads // self.world_size)
+        pool = KVPool(
+            self.spec.num_layers, num_blocks, self.config.block_size, kv_heads, self.spec.head_dim, self.dtype, self.device
+        )
+        self.runner = ModelRunner(self.model, pool, self.spec.vocab_size, self.device)
+
+    # ------------------------------------------------------------ steps
+    def execute(self, plan: StepPlan) -> list[int] | None:
+        """Applies the plan's changes, runs the step; rank 0 returns the drawn tokens, other ranks None."""
+        self.sequences.apply(plan)
+        tokens = self.runner.execute(plan, self.sequences, sample=self.rank == 0)
+        if self.rank != 0:
+            return None
+        self.sequences.record_samples(plan, tokens)
+        return tokens
+
+    def shutdown(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()

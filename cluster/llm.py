@@ -36,14 +36,12 @@ class LLM:
             from rayinfer.cluster.tiny_model import default_tiny_model_dir
 
             model = str(default_tiny_model_dir())
-        config = EngineConfig(model=model, **engine_args)
-        if config.distributed_executor_backend == "ray" or config.tensor_parallel_size > 1:
-            raise ValueError(
-                "distributed_executor_backend: the Ray executor is not part of this build yet; "
-                "use tensor_parallel_size=1 without a backend"
-            )
-        self.engine = Engine(config)
+        self.engine = Engine(EngineConfig(model=model, **engine_args))
         self._request_ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Releases the engine's workers (and, under Ray, its actors and placement group)."""
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -41,6 +41,10 @@ class EngineConfig(BaseModel):
     distributed_executor_backend: Literal["uni", "ray"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_logprobs: int = 20
+    # How the Ray executor places its workers: all on one node (STRICT_PACK) or across nodes when needed (PACK).
+    placement_strategy: Literal["STRICT_PACK", "PACK"] = "STRICT_PACK"
+    # How many times the Ray executor replaces a dead worker group before failing the engine's requests.
+    max_worker_restarts: int = 3
 
     @field_validator("model", "tokenizer")
     @classmethod
@@ -95,6 +99,13 @@ class EngineConfig(BaseModel):
     def _non_negative_seed(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"seed must be >= 0 (got {value})")
+        return value
+
+    @field_validator("max_worker_restarts")
+    @classmethod
+    def _non_negative_restarts(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"max_worker_restarts must be >= 0 (got {value})")
         return value
 
     @field_validator("max_logprobs")

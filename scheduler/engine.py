@@ -34,10 +34,11 @@ class Engine:
         from transformers import AutoTokenizer
 
         from rayinfer.configs import resolved_limits
-        from rayinfer.workers.model_config import load_model_spec
+        from rayinfer.workers.model_config import check_tensor_parallel, load_model_spec
 
         self.config = config
         self.model_spec = load_model_spec(config.model)
+        check_tensor_parallel(self.model_spec, config.tensor_parallel_size)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
         self.max_model_len, self.max_num_batched_tokens = resolved_limits(config, self.model_spec.max_model_len_limit)
         if executor_factory is None:
@@ -151,6 +152,8 @@ class Engine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self._release(seq)
+        if not self.scheduler.has_work() and self._forget:
+            self._flush_forgotten()
         return self._request_output(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -194,7 +197,17 @@ class Engine:
         for out in outputs:
             if out.finished:
                 del self.requests[out.request_id]
+        if not self.scheduler.has_work() and self._forget:
+            self._flush_forgotten()
         return outputs
+
+    def _flush_forgotten(self) -> None:
+        """With nothing left to run, tells the workers now (not at the next step) to drop ended sequences."""
+        try:
+            self.executor.execute(StepPlan(chunks=[], finished_seq_ids=self._forget))
+        except WorkerGroupFailure as exc:
+            logger.warning("could not tell workers to drop ended sequences (%s); a restart clears them anyway", exc)
+        self._forget = []
 
     def _step_plan(self, plan: SchedulerOutput) -> StepPlan:
         step = StepPlan(chunks=[], finished_seq_ids=self._forget)

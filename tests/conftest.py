@@ -34,6 +34,16 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (4 CPU slots: two TP=2 engines side by side)."""
+    ray = pytest.importorskip("ray", reason="Ray is installed with the 'serve' extra")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def llama_dir(tiny_checkpoint) -> Path:
     return tiny_checkpoint("llama")
 

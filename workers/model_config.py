@@ -146,3 +146,22 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         bos_token_id=generation.get("bos_token_id", cfg.get("bos_token_id")),
         raw=cfg,
     )
+
+
+def check_tensor_parallel(spec: ModelSpec, tp_size: int) -> None:
+    """Fails early, naming the shape, when the model cannot be split across `tp_size` ranks."""
+    if tp_size == 1:
+        return
+    problems = []
+    if spec.num_heads % tp_size:
+        problems.append(f"num_attention_heads ({spec.num_heads})")
+    kv = spec.num_kv_heads
+    if kv % tp_size and tp_size % kv:
+        problems.append(f"num_key_value_heads ({kv}) (must divide or be divisible by it)")
+    if spec.intermediate_size % tp_size:
+        problems.append(f"intermediate_size ({spec.intermediate_size})")
+    if problems:
+        raise ValueError(
+            f"tensor_parallel_size {tp_size} cannot split this model: {', '.join(problems)} "
+            f"not divisible by {tp_size}"
+        )

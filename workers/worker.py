@@ -122,11 +122,17 @@ class Worker:
     def execute(self, plan: StepPlan) -> list[int] | None:
         """Applies the plan's changes, runs the step; rank 0 returns the drawn tokens, other ranks None."""
         self.sequences.apply(plan)
+        if not plan.chunks:
+            return [] if self.rank == 0 else None
         tokens = self.runner.execute(plan, self.sequences, sample=self.rank == 0)
         if self.rank != 0:
             return None
         self.sequences.record_samples(plan, tokens)
         return tokens
+
+    def num_sequences(self) -> int:
+        """How many sequences this worker holds state for (all are dropped once their requests end)."""
+        return len(self.sequences)
 
     def shutdown(self) -> None:
         if self.world_size > 1 and dist.is_initialized():

@@ -54,8 +54,12 @@ class FakeExecutor(Executor):
         self.max_blocks_in_use = 0
 
     def execute(self, plan: StepPlan) -> list[int]:
+        if not plan.chunks:  # a flush: nothing runs, the workers only drop ended sequences
+            assert plan.finished_seq_ids and not plan.new_sequences, "an empty plan with nothing to flush"
+            assert not self.engine.scheduler.has_work(), "a flush was sent while there was work"
+            self.states.apply(plan)
+            return []
         self.num_steps += 1
-        assert plan.chunks, "an empty plan was sent to the workers"
         assert plan.num_tokens <= self.max_num_batched_tokens
         seq_ids = [chunk.seq_id for chunk in plan.chunks]
         assert len(seq_ids) == len(set(seq_ids)), "a sequence appears twice in one step"
@@ -130,6 +134,7 @@ def drain(engine: Engine, max_steps: int = 10_000) -> dict[str, RequestOutput]:
     finals = {}
     for _ in range(max_steps):
         if not engine.has_unfinished_requests():
+            assert not engine.executor.states, "workers still hold sequences after every request ended"
             return finals
         for out in engine.step():
             if out.finished:

@@ -1,0 +1,131 @@
+"""The Ray executor: tensor-parallel workers on CPU (gloo), placement, and recovery from a dead worker."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from rayinfer.cluster import LLM, SamplingParams
+from tests.conftest import hf_greedy
+
+PROMPTS = ["A", "Hello world", "The quick brown fox jumps over the lazy dog.", "Once upon a time, in a small village"]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+
+def _token_prompts(llm: LLM) -> list[dict]:
+    tokenizer = llm.get_tokenizer()
+    return [{"prompt_token_ids": tokenizer.encode(p)} for p in PROMPTS]
+
+
+def _ray_llm(model_dir: Path, **engine_args) -> LLM:
+    return LLM(str(model_dir), tensor_parallel_size=2, distributed_executor_backend="ray", **engine_args)
+
+
+def _run_to_end(llm: LLM) -> dict[str, object]:
+    finished = {}
+    while llm.engine.has_unfinished_requests():
+        for out in llm.engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    return finished
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])
+def test_tp2_matches_tp1_and_transformers(kv_heads: int, tiny_checkpoint, ray_session) -> None:
+    model_dir = tiny_checkpoint("llama", num_key_value_heads=kv_heads)
+    llm = _ray_llm(model_dir, max_num_batched_tokens=16)
+    try:
+        prompts = _token_prompts(llm)
+        ours = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
+        assert llm.engine.executor.call_workers("num_sequences") == [0, 0]
+    finally:
+        llm.shutdown()
+    single = [o.outputs[0].token_ids for o in LLM(str(model_dir)).generate(prompts, GREEDY, use_tqdm=False)]
+    assert ours == single
+    assert ours == hf_greedy(model_dir, [p["prompt_token_ids"] for p in prompts], GREEDY.max_tokens)
+
+
+def test_killed_worker_is_replaced_and_outputs_are_unchanged(llama_dir: Path, ray_session) -> None:
+    reference = LLM(str(llama_dir)).generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm = _ray_llm(llama_dir, max_num_batched_tokens=16)
+    try:
+        executor = llm.engine.executor
+        for i, prompt in enumerate(PROMPTS):
+            llm.engine.add_request(str(i), prompt, GREEDY)
+        for _ in range(5):
+            llm.engine.step()
+        os.kill(executor.worker_pids()[1], signal.SIGKILL)
+        finished = _run_to_end(llm)
+        assert executor.generation == 2, "the worker group was not replaced"
+        assert [finished[str(i)].outputs[0].token_ids for i in range(len(PROMPTS))] == [
+            o.outputs[0].token_ids for o in reference
+        ]
+        assert all(finished[str(i)].error is None for i in range(len(PROMPTS)))
+        assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
+    finally:
+        llm.shutdown()
+
+
+def test_group_that_cannot_be_rebuilt_fails_every_request(llama_dir: Path, ray_session) -> None:
+    llm = _ray_llm(llama_dir, max_worker_restarts=0)
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            llm.engine.add_request(str(i), prompt, GREEDY)
+        llm.engine.step()
+        os.kill(llm.engine.executor.worker_pids()[0], signal.SIGKILL)
+        finished = _run_to_end(llm)
+        assert sorted(finished) == [str(i) for i in range(len(PROMPTS))]
+        for out in finished.values():
+            assert out.finished and "could not be replaced" in out.error
+            assert out.outputs[0].finish_reason == "error"
+        assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
+    finally:
+        llm.shutdown()
+
+
+def test_two_engines_side_by_side_then_shutdown_releases_everything(llama_dir: Path, ray_session) -> None:
+    from ray.util import placement_group_table
+
+    first, second = _ray_llm(llama_dir), _ray_llm(llama_dir)
+    try:
+        assert first.engine.executor.engine_id != second.engine.executor.engine_id
+        a = first.generate(PROMPTS, GREEDY, use_tqdm=False)
+        b = second.generate(PROMPTS, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    finally:
+        first.shutdown()
+    executor = first.engine.executor
+    assert placement_group_table(executor.placement_group)["state"] == "REMOVED"
+    for rank in range(2):
+        with pytest.raises(ValueError):
+            ray_session.get_actor(f"rayinfer-{executor.engine_id}-worker-{rank}-gen1")
+    try:  # the other engine is untouched
+        assert second.generate("Hello", GREEDY, use_tqdm=False)[0].finished
+    finally:
+        second.shutdown()
+
+
+def test_abort_frees_blocks_on_every_rank(llama_dir: Path, ray_session) -> None:
+    llm = _ray_llm(llama_dir)
+    try:
+        engine = llm.engine
+        engine.add_request("keep", "Hello world", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        engine.add_request("drop", "The quick brown fox", SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+        engine.step()
+        assert engine.executor.call_workers("num_sequences") == [2, 2]
+        engine.abort_request("drop")
+        assert len(engine.scheduler.running) == 1
+        engine.step()  # the next step tells every rank to drop the aborted sequence
+        assert engine.executor.call_workers("num_sequences") == [1, 1]
+        _run_to_end(llm)
+        assert engine.num_free_blocks == engine.block_manager.num_blocks
+    finally:
+        llm.shutdown()
+
+
+def test_unshardable_model_fails_at_config_time(llama_dir: Path) -> None:
+    with pytest.raises(ValueError, match="num_attention_heads \\(4\\).*not divisible by 3"):
+        LLM(str(llama_dir), tensor_parallel_size=3, distributed_executor_backend="ray")

@@ -1,0 +1,141 @@
+"""Drives tensor-parallel worker actors, one per GPU (or CPU slot), placed in one placement group.
+
+The group is the engine's own, or the one its caller already runs in (a Ray Serve replica, the scheduler
+actor), so the scheduler and its workers sit together. A worker that dies is noticed by the step that needed
+it; `restart` then replaces the whole group in the same placement group, and the engine recomputes its
+sequences from their text.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rayinfer.configs import EngineConfig
+from rayinfer.scheduler.executor_interface import Executor, WorkerGroupFailure
+from rayinfer.scheduler.step_plan import StepPlan
+from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 60.0
+SETUP_TIMEOUT_S = 300.0
+
+
+def worker_bundles(config: EngineConfig) -> list[dict[str, float]]:
+    """One bundle per rank: a GPU where the engine runs on CUDA, a CPU slot otherwise."""
+    wants_gpu = config.device == "cuda" or (config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    return [{"GPU": 1.0} if wants_gpu else {"CPU": 1.0} for _ in range(config.tensor_parallel_size)]
+
+
+class RayExecutor(Executor):
+    def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int, max_num_batched_tokens: int) -> None:
+        if not ray.is_initialized():
+            ray.init(ignore_reinit_error=True)
+        self.config = config
+        self.spec = spec
+        self.max_model_len = max_model_len
+        self.engine_id = uuid.uuid4().hex[:8]
+        self.bundles = worker_bundles(config)
+        self.placement_group, self._owns_placement_group = self._placement_group()
+        self.generation = 0
+        self.workers: list[ray.actor.ActorHandle] = []
+        self.num_blocks = self._start_workers(required_blocks=None)
+
+    def _placement_group(self) -> tuple[PlacementGroup, bool]:
+        current = get_current_placement_group()
+        if current is not None:
+            return current, False
+        group = placement_group(self.bundles, strategy=self.config.placement_strategy, name=f"rayinfer-{self.engine_id}")
+        try:
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(group)
+            raise ValueError(
+                f"tensor_parallel_size: the cluster cannot place {len(self.bundles)} workers of {self.bundles[0]} "
+                f"({self.config.placement_strategy}) within {PLACEMENT_TIMEOUT_S:.0f}s"
+            ) from None
+        return group, True
+
+    def _start_workers(self, required_blocks: int | None) -> int:
+        world = self.config.tensor_parallel_size
+        remote_worker = ray.remote(Worker)
+        self.generation += 1
+        self.workers = []
+        for rank, bundle in enumerate(self.bundles):
+            strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
+            self.workers.append(
+                remote_worker.options(
+                    name=f"rayinfer-{self.engine_id}-worker-{rank}-gen{self.generation}",
+                    num_cpus=bundle.get("CPU", 0),
+                    num_gpus=bundle.get("GPU", 0),
+                    scheduling_strategy=strategy,
+                ).remote(self.config, self.spec, self.max_model_len, rank, world)
+            )
+        try:
+            host, port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=SETUP_TIMEOUT_S)
+            ray.get([w.init_distributed.remote(host, port) for w in self.workers], timeout=SETUP_TIMEOUT_S)
+            ray.get([w.load_model.remote() for w in self.workers], timeout=SETUP_TIMEOUT_S)
+            counts = ray.get([w.num_available_blocks.remote() for w in self.workers], timeout=SETUP_TIMEOUT_S)
+            # A block id must mean the same slot on every rank, so all ranks get the smallest count.
+            num_blocks = min(counts) if required_blocks is None else required_blocks
+            if min(counts) < num_blocks or num_blocks < 1:
+                raise WorkerGroupFailure(f"workers report room for {counts} KV blocks; {num_blocks} are needed")
+            ray.get([w.init_cache.remote(num_blocks) for w in self.workers], timeout=SETUP_TIMEOUT_S)
+        except (RayError, GetTimeoutError) as exc:
+            self._kill_workers()
+            raise WorkerGroupFailure(f"starting the worker group failed: {exc}") from exc
+        logger.info("engine %s: %d workers up (generation %d), %d KV blocks", self.engine_id, world, self.generation, num_blocks)
+        return num_blocks
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        refs = [w.execute.remote(plan) for w in self.workers]
+        pending = list(refs)
+        try:
+            # Wait on all at once, so a dead rank is noticed even while the others block in a collective.
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
+            return ray.get(refs[0])
+        except RayActorError as exc:
+            raise WorkerGroupFailure(f"a worker of engine {self.engine_id} died: {exc}") from exc
+        except RayError as exc:
+            raise WorkerGroupFailure(f"a worker of engine {self.engine_id} failed: {exc}") from exc
+
+    def worker_pids(self) -> list[int]:
+        return ray.get([w.pid.remote() for w in self.workers])
+
+    def call_workers(self, method: str, *args: object) -> list[object]:
+        """Runs a Worker method on every rank (diagnostics and tests)."""
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def restart(self) -> None:
+        self._kill_workers()
+        last_error: Exception | None = None
+        for attempt in range(1, self.config.max_worker_restarts + 1):
+            try:
+                self._start_workers(required_blocks=self.num_blocks)
+                return
+            except WorkerGroupFailure as exc:
+                last_error = exc
+                logger.warning("engine %s: restart attempt %d failed: %s", self.engine_id, attempt, exc)
+        raise WorkerGroupFailure(f"gave up after {self.config.max_worker_restarts} attempts: {last_error}")
+
+    def _kill_workers(self) -> None:
+        for worker in self.workers:
+            try:
+                ray.kill(worker, no_restart=True)
+            except RayError as exc:
+                logger.debug("worker already gone: %s", exc)
+        self.workers = []
+
+    def shutdown(self) -> None:
+        self._kill_workers()
+        if self._owns_placement_group:
+            remove_placement_group(self.placement_group)
+            self._owns_placement_group = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -30,13 +31,19 @@ def _sequence_seed(request_seed: int, index: int) -> int:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, executor_factory: Callable[..., Executor] | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        executor_factory: Callable[..., Executor] | None = None,
+        engine_id: str | None = None,
+    ) -> None:
         from transformers import AutoTokenizer
 
         from rayinfer.configs import resolved_limits
         from rayinfer.workers.model_config import check_tensor_parallel, load_model_spec
 
         self.config = config
+        self.engine_id = engine_id or uuid.uuid4().hex[:8]  # names this engine's Ray actors and placement group
         self.model_spec = load_model_spec(config.model)
         check_tensor_parallel(self.model_spec, config.tensor_parallel_size)
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
@@ -45,7 +52,9 @@ class Engine:
             from rayinfer.workers.executor import default_executor_factory
 
             executor_factory = default_executor_factory(config)
-        self.executor = executor_factory(config, self.model_spec, self.max_model_len, self.max_num_batched_tokens)
+        self.executor = executor_factory(
+            config, self.model_spec, self.max_model_len, self.max_num_batched_tokens, self.engine_id
+        )
         self.block_manager = BlockManager(self.executor.num_blocks, config.block_size)
         pool_tokens = self.executor.num_blocks * config.block_size
         if pool_tokens < self.max_model_len:
@@ -65,6 +74,7 @@ class Engine:
         # What the workers hold: block ids sent per live sequence, and sequences they may forget next step.
         self._sent_blocks: dict[int, int] = {}
         self._forget: list[int] = []
+        self.num_aborted_requests = 0
         self._seed_rng = random.Random(config.seed)
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
@@ -148,6 +158,7 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self.num_aborted_requests += 1
         for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
@@ -304,4 +315,5 @@ class Engine:
             "num_free_blocks": self.block_manager.num_free_blocks,
             "num_blocks": self.block_manager.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_aborted_requests": self.num_aborted_requests,
         }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs rayinfer (editable) with its test tools. On a machine without an NVIDIA GPU the
+# Creates .venv and installs rayinfer (editable) with Ray Serve and its test tools. On a machine without an NVIDIA GPU the
 # CPU build of torch goes in first, so the `torch>=2.4` requirement does not pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,4 +14,4 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
         "${PIP[@]}" "${RAYINFER_CPU_TORCH:-torch==2.13.0}"
     fi
 fi
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[dev,serve]"

@@ -13,7 +13,9 @@ from rayinfer.workers.worker import Worker
 class InProcessExecutor(Executor):
     """One worker, in this process: tensor_parallel_size 1 without Ray."""
 
-    def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, config: EngineConfig, spec: ModelSpec, max_model_len: int, max_num_batched_tokens: int, engine_id: str = ""
+    ) -> None:
         if config.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 needs distributed_executor_backend='ray'")
         self.worker = Worker(config, spec, max_model_len)

@@ -8,7 +8,6 @@ sequences from their text.
 from __future__ import annotations
 
 import logging
-import uuid
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -34,13 +33,15 @@ def worker_bundles(config: EngineConfig) -> list[dict[str, float]]:
 
 
 class RayExecutor(Executor):
-    def __init__(self, config: EngineConfig, spec: ModelSpec, max_model_len: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, config: EngineConfig, spec: ModelSpec, max_model_len: int, max_num_batched_tokens: int, engine_id: str
+    ) -> None:
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True)
         self.config = config
         self.spec = spec
         self.max_model_len = max_model_len
-        self.engine_id = uuid.uuid4().hex[:8]
+        self.engine_id = engine_id
         self.bundles = worker_bundles(config)
         self.placement_group, self._owns_placement_group = self._placement_group()
         self.generation = 0

@@ -39,7 +39,13 @@ class FakeExecutor(Executor):
     """Checks each StepPlan against the engine's state and returns deterministic tokens."""
 
     def __init__(
-        self, config: EngineConfig, spec: object, max_model_len: int, max_num_batched_tokens: int, num_blocks: int = 8
+        self,
+        config: EngineConfig,
+        spec: object,
+        max_model_len: int,
+        max_num_batched_tokens: int,
+        engine_id: str,
+        num_blocks: int = 8,
     ) -> None:
         self.config = config
         self.block_size = config.block_size

@@ -18,47 +18,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from rayinfer.kernels.sampling import _signed64, counter_uniforms, mix64, sample_filtered, top_k_top_p_reference
 from rayinfer.scheduler.step_plan import SampleRequest
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed64(value: int) -> int:
-    """A Python int wrapped to int64 two's complement, the way torch int64 arithmetic wraps."""
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-# splitmix64 constants, written as signed int64 so torch accepts them as scalars.
-_GAMMA = _signed64(0x9E3779B97F4A7C15)
-_GAMMA_POSITION = _signed64(0xD1B54A32D192ED03)  # a second odd constant: separates positions of one seed
-_MIX1 = _signed64(0xBF58476D1CE4E5B9)
-_MIX2 = _signed64(0x94D049BB133111EB)
-
-
-def _shr(x: Tensor, shift: int) -> Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic, so clear the sign-extended bits)."""
-    return (x >> shift) & ((1 << (64 - shift)) - 1)
-
-
-def mix64(x: Tensor) -> Tensor:
-    """splitmix64's finaliser on int64 tensors (multiplies wrap around, as uint64 ones would)."""
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
-
-
-def counter_uniforms(seeds: Tensor, positions: Tensor, num_tokens: int) -> Tensor:
-    """[B, num_tokens] float32 uniforms in (0, 1), a pure function of (seed, position, token id).
-
-    Integer hashing is exact on every device, and the top 23 bits become (2h+1) / 2**24, which float32
-    holds exactly, so CPU and CUDA see the same numbers.
-    """
-    key = mix64(mix64(seeds) + (positions + 1) * _GAMMA_POSITION)
-    counters = torch.arange(1, num_tokens + 1, dtype=torch.int64, device=seeds.device) * _GAMMA
-    bits = mix64(key[:, None] + counters[None, :])
-    return (_shr(bits, 41) * 2 + 1).to(torch.float32) * (2.0**-24)
-
 
 @dataclass
 class SamplingTensors:
@@ -166,20 +127,7 @@ def apply_penalties(logits: Tensor, t: SamplingTensors) -> Tensor:
 
 def apply_top_k_top_p(logits: Tensor, t: SamplingTensors) -> Tensor:
     """Mask to -inf outside each row's top-k, then outside the smallest set reaching top-p mass."""
-    vocab = logits.shape[1]
-    # stable=True: ties rank by token id, so the kept set is unique whatever kernel the shape picks.
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-    if t.any_top_k:
-        ranks = torch.arange(vocab, device=logits.device)
-        sorted_logits.masked_fill_(ranks[None, :] >= t.top_ks[:, None], float("-inf"))
-    if t.any_top_p:
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop = (mass_before >= t.top_ps[:, None]) & (t.top_ps[:, None] < 1.0)
-        drop[:, 0] = False  # the most likely token always stays
-        sorted_logits.masked_fill_(drop, float("-inf"))
-    # Scattering back is an exact permutation, so rows with both filters off come back unchanged.
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    return top_k_top_p_reference(logits, t.top_ks if t.any_top_k else None, t.top_ps if t.any_top_p else None)
 
 
 class Sampler(torch.nn.Module):
@@ -197,20 +145,18 @@ class Sampler(torch.nn.Module):
         if t.all_greedy:
             return greedy_ids
 
+        # Temperature -> top-k -> top-p -> min-p -> draw: one Triton launch on GPUs, the torch reference elsewhere.
+        # The draw hashes (seed, position, token id), so a row's token does not depend on the rest of the batch.
+        sampled_ids = sample_filtered(
+            logits,
+            t.temperatures,
+            t.top_ks if t.any_top_k else None,
+            t.top_ps if t.any_top_p else None,
+            t.min_ps if t.any_min_p else None,
+            t.seeds,
+            t.output_positions,
+        )
         sampled_rows = t.temperatures > 0
-        logits = logits / torch.where(sampled_rows, t.temperatures, 1.0)[:, None]
-        if t.any_top_k or t.any_top_p:
-            logits = apply_top_k_top_p(logits, t)
-        if t.any_min_p:
-            # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p); log(0) = -inf drops nothing.
-            threshold = logits.max(dim=-1, keepdim=True).values + torch.log(t.min_ps)[:, None]
-            logits = logits.masked_fill(logits < threshold, float("-inf"))
-
-        # Exponential race argmax(p_i / E_i), E_i = -log(u_i) ~ Exp(1), which picks i with probability p_i.
-        # Taken in log space, argmax(logit_i - log E_i): elementwise only, so no softmax reduction whose
-        # rounding could depend on the batch shape; filtered tokens stay at -inf and never win.
-        uniforms = counter_uniforms(t.seeds, t.output_positions, vocab)
-        sampled_ids = (logits - torch.log(-torch.log(uniforms))).argmax(dim=-1)
         return torch.where(sampled_rows, sampled_ids, greedy_ids)
 
 

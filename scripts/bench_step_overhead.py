@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Per-step cost of the Ray executor against the in-process one: steady decode of 32 sequences, tiny model.
+
+Both engines run the same requests; the difference of their mean step times is what the Ray path adds
+(serialising the step plan, the actor calls, collecting the tokens).
+
+    python scripts/bench_step_overhead.py [--model DIR] [--seqs 32] [--steps 200] [--tp 1] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from rayinfer.cluster import LLM, SamplingParams
+
+
+def time_decode_steps(llm: LLM, num_seqs: int, num_steps: int) -> list[float]:
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=num_steps + 64, ignore_eos=True)
+    for i in range(num_seqs):
+        engine.add_request(f"bench-{i}", None, params, prompt_token_ids=[7 + i % 50] * 8)
+    while any(seq.num_uncomputed_tokens > 1 for seq in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()  # prefill, until every sequence decodes
+    for _ in range(10):
+        engine.step()  # warm-up
+    times = []
+    for _ in range(num_steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    for i in range(num_seqs):
+        engine.abort_request(f"bench-{i}")
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the built-in tiny model)")
+    parser.add_argument("--seqs", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of the Ray engine")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(num_cpus=max(2, args.tp + 1), include_dashboard=False, log_to_driver=False)
+    results = {}
+    for name, engine_args in (
+        ("in-process", {}),
+        ("ray", {"distributed_executor_backend": "ray", "tensor_parallel_size": args.tp}),
+    ):
+        llm = LLM(args.model, max_num_seqs=args.seqs, **engine_args)
+        times = time_decode_steps(llm, args.seqs, args.steps)
+        llm.shutdown()
+        results[name] = {"mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times)}
+    overhead = results["ray"]["mean_ms"] - results["in-process"]["mean_ms"]
+    for name, r in results.items():
+        print(f"{name:>11}: mean {r['mean_ms']:.3f} ms/step, median {r['median_ms']:.3f} ms/step")
+    print(f"Ray overhead (tp={args.tp}, {args.seqs} decoding sequences): {overhead:.3f} ms/step")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**results, "overhead_ms": overhead, "seqs": args.seqs, "tp": args.tp}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

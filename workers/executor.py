@@ -18,7 +18,7 @@ class InProcessExecutor(Executor):
     ) -> None:
         if config.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 needs distributed_executor_backend='ray'")
-        self.worker = Worker(config, spec, max_model_len)
+        self.worker = Worker(config, spec, max_model_len, max_num_batched_tokens)
         self.worker.init_distributed("", 0)
         self.worker.load_model()
         self.num_blocks = self.worker.num_available_blocks()

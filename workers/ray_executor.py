@@ -45,6 +45,7 @@ class RayExecutor(Executor):
         self.config = config
         self.spec = spec
         self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.engine_id = engine_id
         self.bundles = worker_bundles(config)
         self.placement_group, self._owns_placement_group = self._placement_group()
@@ -81,7 +82,7 @@ class RayExecutor(Executor):
                     num_cpus=bundle.get("CPU", 0),
                     num_gpus=bundle.get("GPU", 0),
                     scheduling_strategy=strategy,
-                ).remote(self.config, self.spec, self.max_model_len, rank, world)
+                ).remote(self.config, self.spec, self.max_model_len, self.max_num_batched_tokens, rank, world)
             )
         try:
             host, port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=SETUP_TIMEOUT_S)

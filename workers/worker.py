@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from rayinfer.configs import EngineConfig
-from rayinfer.scheduler.step_plan import SampleRequest, StepPlan
+from rayinfer.scheduler.sampling_params import SamplingParams
+from rayinfer.scheduler.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
 from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.model_runner import ModelRunner
@@ -69,12 +70,14 @@ class Worker:
         config: EngineConfig,
         spec: ModelSpec,
         max_model_len: int,
+        max_num_batched_tokens: int,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         self.config = config
         self.spec = spec
         self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.rank = rank
         self.world_size = world_size
         self.device = resolve_device(config.device)
@@ -109,7 +112,43 @@ class Worker:
 
     def num_available_blocks(self) -> int:
         block_bytes = self._block_bytes()
+        if self.config.kv_cache_memory_bytes is None and self.device.type == "cuda":
+            return self._profiled_pool_bytes(block_bytes) // block_bytes
         return pool_bytes(self.config, block_bytes, self.device, self.max_model_len) // block_bytes
+
+    def _profiled_pool_bytes(self, block_bytes: int) -> int:
+        """Runs the largest step on a scratch pool and measures its peak memory; the KV pool gets what
+        gpu_memory_utilization leaves after the weights, that peak and other processes."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        scratch_bytes = self.run_largest_step() * block_bytes
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        self.runner = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = int(total * self.config.gpu_memory_utilization) - used_by_others - (peak - scratch_bytes)
+        logger.info("profiled step peak %.2f GiB; KV pool gets %.2f GiB", peak / 2**30, max(budget, 0) / 2**30)
+        return max(budget, 0)
+
+    def run_largest_step(self) -> int:
+        """One step of max_num_batched_tokens prompt tokens (in sequences of at most max_model_len - 1) on a
+        scratch pool just big enough; returns the scratch pool's block count. Leaves no sequence behind."""
+        tokens, per_seq = self.max_num_batched_tokens, self.max_model_len - 1
+        lengths = [per_seq] * (tokens // per_seq) + ([tokens % per_seq] if tokens % per_seq else [])
+        blocks_per_seq = [-(-n // self.config.block_size) for n in lengths]
+        self.init_cache(sum(blocks_per_seq))
+        plan, next_block = StepPlan(chunks=[]), 0
+        for seq_id, (length, num_blocks) in enumerate(zip(lengths, blocks_per_seq)):
+            sampling = SampleRequest(SamplingParams(), seed=0, prompt_token_ids=[], output_token_ids=[], stop_ids_for_min_tokens=[])
+            plan.new_sequences.append(NewSequence(seq_id, length, sampling))
+            blocks = list(range(next_block, next_block + num_blocks))
+            plan.chunks.append(SequenceChunk(seq_id, [0] * length, 0, blocks, reset_blocks=True, sample=True))
+            next_block += num_blocks
+        self.execute(plan)
+        self.sequences.clear()
+        return next_block
 
     def init_cache(self, num_blocks: int) -> None:
         kv_heads = max(1, self.spec.num_kv_heads // self.world_size)

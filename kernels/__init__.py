@@ -1,16 +1,22 @@
-"""Device ops of the forward pass. Each op has a plain-torch reference; Triton versions live beside them."""
-from rayinfer.kernels.activation import gelu_and_mul_reference as gelu_and_mul
-from rayinfer.kernels.activation import silu_and_mul_reference as silu_and_mul
-from rayinfer.kernels.norm import fused_add_rms_norm_reference as fused_add_rms_norm
-from rayinfer.kernels.norm import layer_norm_reference as layer_norm
-from rayinfer.kernels.norm import rms_norm_reference as rms_norm
-from rayinfer.kernels.paged_attention import paged_attention_reference as paged_attention
-from rayinfer.kernels.paged_attention import write_kv_reference as write_kv
-from rayinfer.kernels.rotary import rotary_embedding_reference as rotary_embedding
+"""Device ops of the forward pass. Each op is a Triton kernel beside the torch reference it must match;
+`dispatch.dispatched` picks one per call (Triton for CUDA tensors, or as RAYINFER_KERNEL_BACKEND says)."""
+import rayinfer.configs.source_tree  # noqa: F401 - keeps a checkout's bare folders from shadowing PyPI packages
+from rayinfer.kernels import activation, attention as _attention, norm, rotary
+from rayinfer.kernels.dispatch import dispatched, kernel_backend
+
+silu_and_mul = dispatched(activation.silu_and_mul_reference, activation.silu_and_mul_triton)
+gelu_and_mul = dispatched(activation.gelu_and_mul_reference, activation.gelu_and_mul_triton)
+rms_norm = dispatched(norm.rms_norm_reference, norm.rms_norm_triton)
+fused_add_rms_norm = dispatched(norm.fused_add_rms_norm_reference, norm.fused_add_rms_norm_triton)
+layer_norm = dispatched(norm.layer_norm_reference, norm.layer_norm_triton)
+rotary_embedding = dispatched(rotary.rotary_embedding_reference, rotary.rotary_embedding_triton)
+write_kv = dispatched(_attention.write_kv_reference, _attention.write_kv_triton)
+paged_attention = dispatched(_attention.paged_attention_reference, _attention.paged_attention_triton)
 
 __all__ = [
     "fused_add_rms_norm",
     "gelu_and_mul",
+    "kernel_backend",
     "layer_norm",
     "paged_attention",
     "rms_norm",

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from rayinfer.kernels import activation, norm, paged_attention, rotary
+from rayinfer.kernels import activation, attention, norm, rotary
 
 GB = 1e9
 
@@ -110,7 +110,7 @@ def bench_attention(dtype: torch.dtype) -> list[dict]:
     for batch, context in ((64, 2048), (16, 8192), (1, 32768)):
         q, kc, vc, tables, starts, lens = _paged_inputs([context] * batch, [1] * batch, kv_heads, q_heads, head_dim, dtype)
         ms = cuda_time_ms(
-            lambda: paged_attention.paged_attention_triton(
+            lambda: attention.paged_attention_triton(
                 q, kc, vc, tables, starts, lens, scale, max_query_len=1, max_seq_len=context
             )
         )
@@ -121,7 +121,7 @@ def bench_attention(dtype: torch.dtype) -> list[dict]:
         q, kc, vc, tables, starts, lens = _paged_inputs([length] * batch, [length] * batch, kv_heads, q_heads, head_dim, dtype)
         flops = 4 * batch * q_heads * head_dim * length * (length + 1) / 2  # causal: half the score matrix
         ms = cuda_time_ms(
-            lambda: paged_attention.paged_attention_triton(
+            lambda: attention.paged_attention_triton(
                 q, kc, vc, tables, starts, lens, scale, max_query_len=length, max_seq_len=length
             )
         )

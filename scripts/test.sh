@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest -q "$@"
+# The pytest entry point, not `python -m pytest`: that would put the repository root (and its bare
+# `kernels/` folder) on sys.path.
+exec .venv/bin/pytest -q "$@"

@@ -48,7 +48,13 @@ def llama_dir(tiny_checkpoint) -> Path:
     return tiny_checkpoint("llama")
 
 
-def hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """transformers' greedy continuation of each prompt (see `_hf_greedy`), the reference every engine test uses."""
+    return _hf_greedy
+
+
+def _hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy continuation of each prompt, run one prompt at a time (no padding), in float32."""
     from transformers import AutoModelForCausalLM
 

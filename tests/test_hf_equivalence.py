@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from rayinfer.cluster import LLM, SamplingParams
-from tests.conftest import hf_greedy
 
 NEW_TOKENS = 32
 
@@ -64,7 +63,7 @@ def _prompts(model_dir: Path) -> list[list[int]]:
 _references: dict[str, list[list[int]]] = {}
 
 
-def _reference(name: str, model_dir: Path, prompts: list[list[int]]) -> list[list[int]]:
+def _reference(name: str, model_dir: Path, prompts: list[list[int]], hf_greedy) -> list[list[int]]:
     if name not in _references:
         _references[name] = hf_greedy(model_dir, prompts, NEW_TOKENS)
         distinct = {t for out in _references[name] for t in out}
@@ -82,13 +81,13 @@ def _generate(model_dir: Path, prompts: list[list[int]], **engine_args) -> tuple
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_greedy_matches_transformers(name: str, tiny_checkpoint) -> None:
+def test_greedy_matches_transformers(name: str, tiny_checkpoint, hf_greedy) -> None:
     arch, overrides = CONFIGS[name]
     model_dir = tiny_checkpoint(arch, **overrides)
     prompts = _prompts(model_dir)
     # A 24-token budget splits the longer prompts across steps while decodes run beside them.
     ours, _ = _generate(model_dir, prompts, max_num_batched_tokens=24)
-    assert ours == _reference(name, model_dir, prompts)
+    assert ours == _reference(name, model_dir, prompts, hf_greedy)
 
 
 @pytest.mark.parametrize(
@@ -101,15 +100,15 @@ def test_greedy_matches_transformers(name: str, tiny_checkpoint) -> None:
     ],
 )
 @pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding"])
-def test_scheduling_does_not_change_output(name: str, engine_args: dict, tiny_checkpoint) -> None:
+def test_scheduling_does_not_change_output(name: str, engine_args: dict, tiny_checkpoint, hf_greedy) -> None:
     arch, overrides = CONFIGS[name]
     model_dir = tiny_checkpoint(arch, **overrides)
     prompts = _prompts(model_dir)
     ours, _ = _generate(model_dir, prompts, **engine_args)
-    assert ours == _reference(name, model_dir, prompts)
+    assert ours == _reference(name, model_dir, prompts, hf_greedy)
 
 
-def test_preemption_keeps_output_exact(tiny_checkpoint) -> None:
+def test_preemption_keeps_output_exact(tiny_checkpoint, hf_greedy) -> None:
     model_dir = tiny_checkpoint("llama")
     prompts = _prompts(model_dir)
     from rayinfer.workers.kv_pool import bytes_per_block
@@ -122,10 +121,10 @@ def test_preemption_keeps_output_exact(tiny_checkpoint) -> None:
     # 9 blocks = 144 tokens: the longest request (97 + 32 tokens) fits alone, the whole batch does not.
     ours, llm = _generate(model_dir, prompts, kv_cache_memory_bytes=9 * block_bytes, max_num_batched_tokens=32)
     assert llm.engine.scheduler.num_preemptions > 0
-    assert ours == _reference("llama-gqa", model_dir, prompts)
+    assert ours == _reference("llama-gqa", model_dir, prompts, hf_greedy)
 
 
-def test_sharded_checkpoint_loads(tiny_checkpoint) -> None:
+def test_sharded_checkpoint_loads(tiny_checkpoint, hf_greedy) -> None:
     model_dir = tiny_checkpoint("llama", max_shard_size="100KB")
     assert (model_dir / "model.safetensors.index.json").exists()
     prompts = _prompts(model_dir)
@@ -135,9 +134,9 @@ def test_sharded_checkpoint_loads(tiny_checkpoint) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["llama-gqa", "mistral-sliding", "qwen2-bias"])
-def test_greedy_matches_transformers_on_cuda(name: str, tiny_checkpoint) -> None:
+def test_greedy_matches_transformers_on_cuda(name: str, tiny_checkpoint, hf_greedy) -> None:
     arch, overrides = CONFIGS[name]
     model_dir = tiny_checkpoint(arch, **overrides)
     prompts = _prompts(model_dir)
     ours, _ = _generate(model_dir, prompts, max_num_batched_tokens=24, device="cuda")
-    assert ours == _reference(name, model_dir, prompts)
+    assert ours == _reference(name, model_dir, prompts, hf_greedy)

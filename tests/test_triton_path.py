@@ -5,7 +5,6 @@ import pytest
 
 from rayinfer.cluster import LLM, SamplingParams
 from rayinfer.kernels.triton_compat import HAS_TRITON
-from tests.conftest import hf_greedy
 
 NEW_TOKENS = 24
 PROMPTS = ["A", "The quick brown fox jumps over the lazy dog.", "Once upon a time, in a small village by the sea"]
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed 
     [("llama", {}), ("mistral", {"sliding_window": 8, "num_key_value_heads": 1})],
     ids=["llama-gqa", "mistral-mqa-sliding"],
 )
-def test_triton_path_matches_transformers(arch: str, overrides: dict, tiny_checkpoint, monkeypatch) -> None:
+def test_triton_path_matches_transformers(arch: str, overrides: dict, tiny_checkpoint, hf_greedy, monkeypatch) -> None:
     monkeypatch.setenv("RAYINFER_KERNEL_BACKEND", "triton")
     model_dir = tiny_checkpoint(arch, **overrides)
     # An 8-token budget with 4-token blocks: prompts split over steps, chunks cross block edges, decodes mix in.

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from rayinfer.kernels.paged_attention import paged_attention_reference, write_kv_reference
+from rayinfer.kernels.attention import paged_attention_reference, write_kv_reference
 
 
 def _dense_attention(q, k, v, q_positions, window):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from rayinfer.cluster import LLM, SamplingParams
-from tests.conftest import hf_greedy
 
 PROMPTS = ["A", "Hello world", "The quick brown fox jumps over the lazy dog.", "Once upon a time, in a small village"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -33,7 +32,7 @@ def _run_to_end(llm: LLM) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])
-def test_tp2_matches_tp1_and_transformers(kv_heads: int, tiny_checkpoint, ray_session) -> None:
+def test_tp2_matches_tp1_and_transformers(kv_heads: int, tiny_checkpoint, hf_greedy, ray_session) -> None:
     model_dir = tiny_checkpoint("llama", num_key_value_heads=kv_heads)
     llm = _ray_llm(model_dir, max_num_batched_tokens=16)
     try:

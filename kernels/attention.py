@@ -1,0 +1,584 @@
+"""Attention of a mixed step (prefill chunks and decode tokens) over the paged KV pool.
+
+Layout: `k_cache`/`v_cache` are [num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence lives
+in block `block_tables[seq, t // block_size]` at offset `t % block_size`. The queries of sequence i are rows
+`query_start_loc[i]:query_start_loc[i+1]` of `q`; they are its newest tokens, so query j sits at position
+`seq_lens[i] - query_len + j` and attends causally to every earlier token in the pool (and its own chunk,
+whose K/V the caller has already written).
+"""
+from __future__ import annotations
+
+import torch
+
+from rayinfer.kernels.triton_compat import tl, triton
+
+
+def write_kv_reference(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Stores key/value [T, Hkv, D] at flat slots (block * block_size + offset); slot -1 marks padding."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, nb] block ids -> [B, nb * block_size, Hkv, D] token-major context, `length` rounded up to blocks."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    gathered = cache[block_tables[:, :num_blocks]]
+    return gathered.flatten(1, 2)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    soft_cap: float | None,
+    alibi_bias: torch.Tensor | None,
+    alibi_slopes: torch.Tensor | None,
+) -> torch.Tensor:
+    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], allowed [B, Lq, Lk] -> [B, Lq, Hq, D]; GQA without copying K/V.
+
+    alibi_bias [B, Lq, Lk] holds k_pos - q_pos; each head scales it by its slope.
+    """
+    batch, q_len, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[2]
+    group = num_heads // num_kv_heads
+    qg = q.view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    kg = k.permute(0, 2, 1, 3).unsqueeze(2)
+    vg = v.permute(0, 2, 1, 3).unsqueeze(2)
+    scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, Lk]
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.float().view(1, num_kv_heads, group, 1, 1)
+        scores = scores + slopes * alibi_bias[:, None, None].float()
+    scores.masked_fill_(~allowed[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, vg.float())  # [B, Hkv, G, Lq, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim).to(q.dtype)
+
+
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, seq_lens: torch.Tensor, window: int | None) -> torch.Tensor:
+    """q_pos [B, Lq], k_pos [Lk], seq_lens [B] -> [B, Lq, Lk] causal (and sliding-window) visibility."""
+    k = k_pos[None, None, :]
+    q = q_pos[:, :, None]
+    allowed = (k <= q) & (k < seq_lens[:, None, None])
+    if window is not None:
+        allowed &= (q - k) < window
+    return allowed
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D]. Decode rows are batched in one gather; each prefill chunk runs on its own.
+
+    sliding_window: a query sees keys less than this many positions behind it. soft_cap: scores become
+    cap * tanh(score / cap) (after scaling). alibi_slopes [Hq]: adds slope * (k_pos - q_pos).
+    max_query_len / max_seq_len / num_splits are launch hints for the Triton kernel; results do not depend on them.
+    """
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    query_lens = [starts[i + 1] - starts[i] for i in range(len(lengths))]
+    out = torch.empty_like(q)
+    device = q.device
+
+    def attend(q_rows, k, v, q_pos, lens):
+        k_pos = torch.arange(k.shape[1], device=device)
+        allowed = _allowed(q_pos, k_pos, lens, sliding_window)
+        bias = (k_pos[None, None, :] - q_pos[:, :, None]) if alibi_slopes is not None else None
+        return _attend(q_rows, k, v, allowed, scale, soft_cap, bias, alibi_slopes)
+
+    decode_rows = [i for i, n in enumerate(query_lens) if n == 1]
+    if decode_rows:
+        rows = torch.tensor(decode_rows, device=device)
+        token_idx = query_start_loc[rows]
+        lens = seq_lens[rows]
+        longest = max(lengths[i] for i in decode_rows)
+        k = _gather_context(k_cache, block_tables[rows], longest)
+        v = _gather_context(v_cache, block_tables[rows], longest)
+        out[token_idx] = attend(q[token_idx].unsqueeze(1), k, v, (lens - 1)[:, None], lens).squeeze(1)
+
+    for i, q_len in enumerate(query_lens):
+        if q_len <= 1:
+            continue
+        start, length = starts[i], lengths[i]
+        k = _gather_context(k_cache, block_tables[i : i + 1], length)
+        v = _gather_context(v_cache, block_tables[i : i + 1], length)
+        q_pos = torch.arange(length - q_len, length, device=device)[None]
+        out[start : start + q_len] = attend(q[start : start + q_len].unsqueeze(0), k, v, q_pos, seq_lens[i : i + 1])[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# write_kv: grid (T, Hkv), one program copies one head-row of K and of V into its pool slot (slot -1: returns).
+#
+# paged_attention: one launch for the whole mixed step, grid (query tiles, Hkv, num_splits).
+#   * Rows of a tile pack (query token, head of the GQA group): row m is token `m // GROUP` of the tile and query
+#     head `kv_head * GROUP + m % GROUP`, so the BLOCK_M x D query tile holds BLOCK_Q = BLOCK_M // GROUP tokens and
+#     every K/V tile gathered from the pool is used by the whole group (loaded once, no repeat_interleave).
+#   * Query tiles of all sequences are laid out on one flat axis without a host sync: sequence i owns tiles
+#     [query_start_loc[i] // BLOCK_Q + i, query_start_loc[i + 1] // BLOCK_Q + i + 1), which is at least
+#     cdiv(query_len_i, BLOCK_Q) of them; a program finds its sequence by binary search over query_start_loc and
+#     returns at once when its tile lies past the chunk. Grid size: T // BLOCK_Q + num_seqs.
+#   * KV is walked in BLOCK_N-token tiles, each token gathered through the block table (any block_size), with an
+#     online softmax in float32 (log2 domain, exp2). Only tiles between the window start of the tile's first query
+#     and the causal end of its last query are visited.
+#   * Split-KV (flash-decoding): with num_splits > 1 the visited tile range of every query tile is cut into
+#     num_splits contiguous parts (works for prefill chunks and decodes alike); each part writes its running max,
+#     sum and unnormalised accumulator to float32 scratch and `_reduce_splits_kernel` (grid (T, Hq)) merges them.
+# ----------------------------------------------------------------------------------------------------------------
+
+# Split-KV heuristic: splitting pays off when the unsplit grid leaves most SMs idle, i.e. few sequences x KV heads
+# (long single-stream decodes) and long contexts. We split when the working programs (query tiles that have rows x
+# Hkv) are at most half the SM count and max_seq_len >= _SPLIT_MIN_SEQ_LEN, aiming at about two programs per SM
+# but keeping at least _SPLIT_MIN_KEYS keys per split (so the partial write + reduce stays cheap) and at most
+# _MAX_SPLITS parts. Example, H100 (132 SMs), one 32k-token decode, 8 KV heads: 8 programs -> 33 splits of ~1k keys.
+_SPLIT_MIN_SEQ_LEN = 1024
+_SPLIT_MIN_KEYS = 512
+_MAX_SPLITS = 64
+_DEFAULT_SM_COUNT = 132  # used off CUDA (the interpreter), where the heuristic only matters for coverage
+
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SM_COUNT
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _sm_counts:
+        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _sm_counts[index]
+
+
+@triton.jit
+def _write_kv_kernel(
+    key_ptr,
+    value_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    block_size,
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_kcb,
+    stride_kco,
+    stride_kch,
+    stride_kcd,
+    stride_vcb,
+    stride_vco,
+    stride_vch,
+    stride_vcd,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // block_size
+    offset = slot % block_size
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    k = tl.load(key_ptr + token * stride_kt + head * stride_kh + offs_d * stride_kd, mask=d_mask)
+    v = tl.load(value_ptr + token * stride_vt + head * stride_vh + offs_d * stride_vd, mask=d_mask)
+    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kco + head * stride_kch + offs_d * stride_kcd
+    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vco + head * stride_vch + offs_d * stride_vcd
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
+
+
+def write_kv_triton(
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Triton `write_kv_reference`: key/value [T, Hkv, D] into flat slots; slot -1 is skipped on the device."""
+    num_tokens = key.shape[0]
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    if key.shape[1:] != (num_kv_heads, head_dim) or value.shape != key.shape:
+        raise ValueError(
+            f"key/value {tuple(key.shape)}/{tuple(value.shape)} do not match the cache's (Hkv, D) = "
+            f"{(num_kv_heads, head_dim)}"
+        )
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries for {num_tokens} tokens")
+    if num_tokens == 0:
+        return
+    _write_kv_kernel[(num_tokens, num_kv_heads)](
+        key,
+        value,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k_cache.shape[1],
+        *key.stride(),
+        *value.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+    )
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp (no libdevice, so it also runs in the interpreter); exact to ~1 ulp of 1."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    alibi_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    num_seqs,
+    num_tokens,
+    num_heads,
+    num_splits,
+    block_size,
+    scale,
+    soft_cap,
+    sliding_window,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ko,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vo,
+    stride_vh,
+    stride_vd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_bts,
+    stride_btb,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    tile_id = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    # Which sequence owns this tile: the last i with query_start_loc[i] // BLOCK_Q + i <= tile_id.
+    lo = tile_id * 0
+    hi = num_seqs - 1 + tile_id * 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid).to(tl.int32) // BLOCK_Q + mid
+        found = first_tile <= tile_id
+        lo = tl.where(found, mid, lo)
+        hi = tl.where(found, hi, mid - 1)
+    seq = lo
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    first_token = (tile_id - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # of this tile, within the chunk
+    if first_token >= q_len:
+        return
+    context_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    token = first_token + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_valid = (offs_m < BLOCK_Q * GROUP) & (token < q_len)
+    q_pos = context_len + token
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    row = (q_start + token).to(tl.int64)
+    q_ptrs = q_ptr + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_valid[:, None] & d_mask[None, :], other=0.0)
+
+    # Keys this tile can see: causal end of its last query, window start of its first query.
+    kv_end = context_len + tl.minimum(first_token + BLOCK_Q, q_len)
+    kv_begin = tile_id * 0
+    if HAS_WINDOW:
+        kv_begin = tl.maximum(context_len + first_token - sliding_window + 1, 0)
+    kv_begin = (kv_begin // BLOCK_N) * BLOCK_N
+    if SPLIT:
+        tiles_per_split = tl.cdiv(tl.cdiv(kv_end - kv_begin, BLOCK_N), num_splits)
+        kv_begin = kv_begin + split * tiles_per_split * BLOCK_N
+        kv_end = tl.minimum(kv_end, kv_begin + tiles_per_split * BLOCK_N)
+
+    if HAS_ALIBI:
+        slope = tl.load(alibi_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+    qk_scale = scale * 1.4426950408889634
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bts
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    for start in range(kv_begin, kv_end, BLOCK_N):
+        k_pos = start + offs_n
+        k_valid = k_pos < kv_end
+        block = tl.load(block_table + (k_pos // block_size) * stride_btb, mask=k_valid, other=0).to(tl.int64)
+        in_block = (k_pos % block_size).to(tl.int64)
+        kv_mask = k_valid[:, None] & d_mask[None, :]
+        k_rows = block * stride_kb + in_block * stride_ko + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        if DOT_UPCAST:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] float32
+        if HAS_SOFTCAP:
+            s = soft_cap * _tanh(s * (scale / soft_cap)) * 1.4426950408889634
+        else:
+            s = s * qk_scale
+        if HAS_ALIBI:
+            s += slope[:, None] * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
+        visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+        if HAS_WINDOW:
+            visible = visible & ((q_pos[:, None] - k_pos[None, :]) < sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet stay at 0
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_rows = block * stride_vb + in_block * stride_vo + kv_head * stride_vh
+        v = tl.load(v_cache_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if DOT_UPCAST:
+            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out_mask = row_valid[:, None] & d_mask[None, :]
+    if SPLIT:
+        part = (split * num_tokens + row) * num_heads + head
+        tl.store(part_m_ptr + part, m_i, mask=row_valid)
+        tl.store(part_l_ptr + part, l_i, mask=row_valid)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_ptrs = out_ptr + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+# Triton's interpreter multiplies the raw uint16 bits of bfloat16 operands in tl.dot (triton 3.9), so there, and
+# only there, bfloat16 dots run on float32 copies of the same values. Compiled kernels keep bfloat16 tensor-core dots.
+_INTERPRETED = type(_paged_attention_kernel).__name__ == "InterpretedFunction"
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    part_m_ptr,
+    part_l_ptr,
+    part_acc_ptr,
+    out_ptr,
+    query_end_ptr,
+    num_tokens,
+    num_heads,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    if token >= tl.load(query_end_ptr):  # a padding row that belongs to no sequence: left as it is
+        return
+    offs_s = tl.arange(0, SPLITS_PAD)
+    s_valid = offs_s < num_splits
+    part = (offs_s * num_tokens + token) * num_heads + head
+    m = tl.load(part_m_ptr + part, mask=s_valid, other=float("-inf"))
+    l = tl.load(part_l_ptr + part, mask=s_valid, other=0.0)
+    m_max = tl.max(m, 0)
+    weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits weigh 0
+    denom = tl.sum(weight * l, 0)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_mask = offs_d < HEAD_DIM
+    acc = tl.load(
+        part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_valid[:, None] & d_mask[None, :], other=0.0
+    )
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    out_ptrs = out_ptr + token * stride_ot + head * stride_oh + offs_d * stride_od
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _tile_config(head_dim_pad: int, group: int, max_query_len: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) sized to the step: decode-only steps get the smallest M tile that
+    tl.dot accepts (16 rows, or the group if larger); prefill rows up to 128 (64 for head_dim 256 or float32, whose
+    tiles are 2x larger in shared memory)."""
+    wide = head_dim_pad > 128 or dtype == torch.float32
+    m_cap = 64 if wide else 128
+    if dtype == torch.float32 and head_dim_pad > 128:
+        m_cap = 32
+    block_m = max(16, triton.next_power_of_2(group), min(triton.next_power_of_2(max_query_len * group), m_cap))
+    block_n = 32 if wide else 64
+    num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
+    return block_m, block_n, num_warps, 2
+
+
+def _choose_num_splits(busy_programs: int, max_seq_len: int, device: torch.device) -> int:
+    """The split-KV heuristic documented above `_SPLIT_MIN_SEQ_LEN`."""
+    sm_count = _sm_count(device)
+    if max_seq_len < _SPLIT_MIN_SEQ_LEN or 2 * busy_programs > sm_count:
+        return 1
+    return max(1, min(2 * sm_count // busy_programs, max_seq_len // _SPLIT_MIN_KEYS, _MAX_SPLITS))
+
+
+def paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton `paged_attention_reference`, one launch per step (plus a reduce launch on the split-KV path).
+
+    max_query_len / max_seq_len: host ints (read from the device only when not given). num_splits: forces the
+    split-KV path with that many parts (1: never split); None lets the heuristic choose. out: optional [T, Hq, D]
+    destination (rows of tokens that belong to no sequence are left as they are).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    if cache_head_dim != head_dim or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q head_dim {head_dim} does not match caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if out is None:
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
+    max_query_len = max(1, max_query_len)
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, num_warps, num_stages = _tile_config(head_dim_pad, group, max_query_len, q.dtype)
+    block_q = block_m // group
+    num_q_tiles = num_tokens // block_q + num_seqs  # upper bound; programs past their chunk return at once
+
+    if num_splits is None:
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens.max().item())
+        busy = min(num_q_tiles, num_seqs * triton.cdiv(max_query_len, block_q)) * num_kv_heads
+        num_splits = _choose_num_splits(busy, max_seq_len, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1 (got {num_splits})")
+    split = num_splits > 1
+    if split:
+        part_m = torch.empty((num_splits, num_tokens, num_heads), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    _paged_attention_kernel[(num_q_tiles, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        alibi_slopes if alibi_slopes is not None else q,
+        part_m,
+        part_l,
+        part_acc,
+        num_seqs,
+        num_tokens,
+        num_heads,
+        num_splits,
+        block_size,
+        float(scale),
+        float(soft_cap) if soft_cap is not None else 0.0,
+        int(sliding_window) if sliding_window is not None else 0,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        *out.stride(),
+        *block_tables.stride(),
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=head_dim_pad,
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None,
+        HAS_SOFTCAP=soft_cap is not None,
+        HAS_ALIBI=alibi_slopes is not None,
+        SPLIT=split,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_UPCAST=_INTERPRETED and q.dtype == torch.bfloat16,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    if split:
+        _reduce_splits_kernel[(num_tokens, num_heads)](
+            part_m,
+            part_l,
+            part_acc,
+            out,
+            query_start_loc[num_seqs:],
+            num_tokens,
+            num_heads,
+            num_splits,
+            *out.stride(),
+            HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+        )
+    return out

@@ -46,7 +46,11 @@ def main() -> int:
     args = parser.parse_args()
 
     import ray
+    import torch
 
+    # Ray gives its one-CPU worker one intra-op thread; the in-process engine gets the same, so the two differ
+    # only by the executor.
+    torch.set_num_threads(1)
     ray.init(num_cpus=max(2, args.tp + 1), include_dashboard=False, log_to_driver=False)
     results = {}
     for name, engine_args in (

@@ -162,8 +162,6 @@ class Sampler(torch.nn.Module):
 
 __all__ = [
     "Sampler",
-    "SamplingRow",
-    "SamplingRowLike",
     "SamplingTensors",
     "apply_penalties",
     "apply_top_k_top_p",

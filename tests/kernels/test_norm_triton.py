@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# tests/conftest.py sets TRITON_INTERPRET=1 when no CUDA device is present (before Triton loads).
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

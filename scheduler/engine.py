@@ -75,6 +75,7 @@ class Engine:
         self._sent_blocks: dict[int, int] = {}
         self._forget: list[int] = []
         self.num_aborted_requests = 0
+        self._in_flight: tuple[SchedulerOutput, object] | None = None
         self._seed_rng = random.Random(config.seed)
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
@@ -163,12 +164,12 @@ class Engine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self._release(seq)
-        if not self.scheduler.has_work() and self._forget:
+        if self._in_flight is None and not self.scheduler.has_work() and self._forget:
             self._flush_forgotten()
         return self._request_output(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self._in_flight is not None
 
     @property
     def num_free_blocks(self) -> int:
@@ -176,27 +177,67 @@ class Engine:
 
     # ---------------------------------------------------------------- steps
     def step(self) -> list[RequestOutput]:
-        """Runs one forward over everything scheduled; returns outputs of the requests that advanced."""
+        """Completes one forward over everything scheduled; returns outputs of the requests that advanced.
+
+        With an executor that takes several steps in flight, the next step is planned and sent before this
+        one's tokens are awaited (a token still being drawn enters it as PENDING_TOKEN, which the workers fill
+        in), so the engine's bookkeeping overlaps the workers' compute.
+        """
+        if self._in_flight is None:
+            self._in_flight = self._launch()
+            if self._in_flight is None:
+                return []
+        following = self._launch() if self.executor.pipelined else None
+        plan, handle = self._in_flight
+        try:
+            tokens = self.executor.result(handle)
+        except WorkerGroupFailure as exc:
+            self._in_flight = None  # a step launched after a lost one is lost with it
+            return self._recover(exc)
+        self._in_flight = following
+        outputs = self._process_tokens(plan, tokens)
+        if following is not None and all(s.seq.is_finished for s in following[0].scheduled):
+            self._discard_in_flight()  # everything it computes has ended: wait for it now, not next step
+        if self._in_flight is None and not self.scheduler.has_work() and self._forget:
+            self._flush_forgotten()
+        return outputs
+
+    def _discard_in_flight(self) -> None:
+        _, handle = self._in_flight
+        self._in_flight = None
+        try:
+            self.executor.result(handle)
+        except WorkerGroupFailure as exc:  # nothing depended on it; the next step meets the failure again
+            logger.warning("a discarded step failed: %s", exc)
+
+    def _launch(self) -> tuple[SchedulerOutput, object] | None:
+        """Schedules a step, sends it to the executor, and books its effects; None when nothing can run."""
         plan = self.scheduler.schedule()
         if plan.is_empty:
-            if self.scheduler.has_work():
+            if self.scheduler.has_work() and self._in_flight is None:
                 raise RuntimeError("scheduler made no progress with requests pending; this is a bug")
-            return []
+            return None
         for seq in plan.preempted:
             if seq.seq_id in self._sent_blocks:
                 self._sent_blocks[seq.seq_id] = 0  # its blocks are gone: the table starts over
-        try:
-            tokens = self.executor.execute(self._step_plan(plan))
-        except WorkerGroupFailure as exc:
-            return self._recover(exc)
+        step_plan = self._step_plan(plan)
         for scheduled in plan.scheduled:
             scheduled.seq.num_computed_tokens += scheduled.num_new_tokens
+            if scheduled.samples:
+                scheduled.seq.num_pending_tokens += 1
+        try:
+            handle = self.executor.submit(step_plan)
+        except WorkerGroupFailure as exc:
+            handle = exc  # reported when the step's result is asked for
+        return plan, handle
+
+    def _process_tokens(self, plan: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
         touched: dict[str, Request] = {}
         sampled = (s.seq for s in plan.scheduled if s.samples)
         for seq, token_id in zip(sampled, tokens, strict=True):
+            if seq.is_finished:
+                continue  # ended (stopped, aborted or failed) after this step was launched
             request = seq.request
-            if request.is_finished:
-                continue  # failed earlier in this step
             touched[request.request_id] = request
             try:
                 if self.output_processor.append(seq, token_id):
@@ -208,8 +249,6 @@ class Engine:
         for out in outputs:
             if out.finished:
                 del self.requests[out.request_id]
-        if not self.scheduler.has_work() and self._forget:
-            self._flush_forgotten()
         return outputs
 
     def _flush_forgotten(self) -> None:
@@ -233,7 +272,7 @@ class Engine:
             step.chunks.append(
                 SequenceChunk(
                     seq_id=seq.seq_id,
-                    token_ids=seq.token_ids[start : start + scheduled.num_new_tokens],
+                    token_ids=seq.input_tokens(start, scheduled.num_new_tokens),
                     start_position=start,
                     new_blocks=seq.block_table[sent:],
                     reset_blocks=sent == 0,

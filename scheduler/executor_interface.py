@@ -14,6 +14,8 @@ class Executor(ABC):
     """Runs steps on one or more workers that hold the model and the KV pool."""
 
     num_blocks: int
+    # True when steps may be submitted before earlier ones finish (the workers run them in order).
+    pipelined: bool = False
 
     @abstractmethod
     def execute(self, plan: StepPlan) -> list[int]:
@@ -21,6 +23,18 @@ class Executor(ABC):
 
         Raises WorkerGroupFailure when a worker is lost; the workers' per-sequence state is then gone.
         """
+
+    def submit(self, plan: StepPlan) -> object:
+        """Starts a step; `result` of the returned handle gives its tokens. Runs it at once unless pipelined."""
+        try:
+            return self.execute(plan)
+        except WorkerGroupFailure as exc:
+            return exc
+
+    def result(self, handle: object) -> list[int]:
+        if isinstance(handle, WorkerGroupFailure):
+            raise handle
+        return handle  # type: ignore[return-value]
 
     def restart(self) -> None:
         """Replaces a failed worker group with a fresh one with the same block count; raises if it cannot."""

@@ -95,10 +95,13 @@ class Scheduler:
         return True
 
     def preempt_all(self) -> None:
-        """Sends every running sequence back to the queue for recompute (the workers lost their KV caches)."""
+        """Sends every running sequence back to the queue for recompute (the workers lost their KV caches, and
+        the draws of any step in flight with them)."""
         out = SchedulerOutput()
         for seq in reversed(list(self.running)):
             self._preempt(seq, out)
+        for seq in self.waiting:
+            seq.num_pending_tokens = 0
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         for i, scheduled in enumerate(out.scheduled):
@@ -145,4 +148,5 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.block_manager.free(seq)
+        seq.num_pending_tokens = 0  # a draw still in flight for it is dropped
         seq.status = SequenceStatus.FINISHED

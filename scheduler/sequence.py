@@ -11,6 +11,10 @@ if TYPE_CHECKING:
     from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
 
 
+# Stands in a step's input for a token drawn by the previous step, still in flight when the step was planned.
+PENDING_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -29,6 +33,9 @@ class Sequence:
     num_prompt_tokens: int
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Tokens a step in flight will draw: already scheduled (so the next step can be planned before they are
+    # known) but not yet in token_ids. Workers fill them in from their own draws.
+    num_pending_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
@@ -47,15 +54,22 @@ class Sequence:
     @property
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose K/V is not in the pool yet: the prompt (or a preempted sequence's whole text) or the newest token."""
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending_tokens - self.num_computed_tokens
+
+    def input_tokens(self, start: int, count: int) -> list[int]:
+        """Tokens [start, start + count) of the text, a pending token as PENDING_TOKEN."""
+        known = self.token_ids[start : start + count]
+        return known + [PENDING_TOKEN] * (count - len(known))
 
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
     def append_token(self, token_id: int) -> None:
+        """Adds a drawn token; it was pending if a step in flight had already planned around it."""
         self.token_ids.append(token_id)
         self.output_token_ids.append(token_id)
+        self.num_pending_tokens = max(0, self.num_pending_tokens - 1)
 
 
 @dataclass(eq=False)

@@ -69,15 +69,13 @@ class ModelRunner:
         return self._tensor(input_ids), meta, self._tensor(sample_rows)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, sequences: dict, sample: bool = True) -> list[int]:
-        """Forward over the step; logits for the chunks that sample; tokens drawn when `sample` (rank 0)."""
+    def execute(self, plan: StepPlan, sequences: dict) -> list[int]:
+        """Forward over the step; logits for the chunks that sample; the tokens drawn for them."""
         input_ids, meta, sample_rows = self.prepare(plan, sequences)
         hidden = self.model(input_ids, meta)
         if sample_rows.numel() == 0:
             return []
         logits = self.model.compute_logits(hidden[sample_rows])  # a collective under tensor parallelism
-        if not sample:
-            return []
         requests = [sequences[chunk.seq_id].sampling for chunk in plan.chunks if chunk.sample]
         sampling = SamplingTensors.build(requests, self.vocab_size, self.device)
         return self.sampler(logits, sampling).tolist()

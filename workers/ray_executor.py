@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -34,6 +35,13 @@ def worker_bundles(config: EngineConfig) -> list[dict[str, float]]:
     """One bundle per rank: a GPU where the engine runs on CUDA, a CPU slot otherwise."""
     wants_gpu = config.device == "cuda" or (config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     return [{"GPU": 1.0} if wants_gpu else {"CPU": 1.0} for _ in range(config.tensor_parallel_size)]
+
+
+@dataclass
+class _GraphStep:
+    """A step sent through the compiled graph: one reference per rank."""
+
+    refs: list
 
 
 class RayExecutor(Executor):
@@ -112,17 +120,32 @@ class RayExecutor(Executor):
             logger.warning("Ray compiled graph unavailable (%s); steps use plain actor calls", exc)
             return None
 
+    # Workers run steps in the order they were sent, so the engine may send the next before this one ends.
+    pipelined = True
+
     def execute(self, plan: StepPlan) -> list[int]:
+        return self.result(self.submit(plan))
+
+    def submit(self, plan: StepPlan) -> object:
         try:
             if self._graph is not None:
-                return ray.get(self._graph.execute(plan))[0]
-            refs = [w.execute.remote(plan) for w in self.workers]
-            pending = list(refs)
+                return _GraphStep(self._graph.execute(plan))
+            return [w.execute.remote(plan) for w in self.workers]
+        except RayError as exc:
+            return WorkerGroupFailure(f"a worker of engine {self.engine_id} failed: {exc}")
+
+    def result(self, handle: object) -> list[int]:
+        if isinstance(handle, WorkerGroupFailure):
+            raise handle
+        try:
+            if isinstance(handle, _GraphStep):
+                return ray.get(handle.refs)[0]  # every rank's output must be read for the graph to go on
+            pending = list(handle)
             # Wait on all at once, so a dead rank is noticed even while the others block in a collective.
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1)
                 ray.get(ready)
-            return ray.get(refs[0])
+            return ray.get(handle[0])
         except RayActorError as exc:
             raise WorkerGroupFailure(f"a worker of engine {self.engine_id} died: {exc}") from exc
         except RayError as exc:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.sampling_params import SamplingParams
+from rayinfer.scheduler.sequence import PENDING_TOKEN
 from rayinfer.scheduler.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
 from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
 from rayinfer.workers.model_config import ModelSpec
@@ -41,10 +42,19 @@ class SequenceStates(dict[int, WorkerSequence]):
         for new in plan.new_sequences:
             self[new.seq_id] = WorkerSequence([], new.num_prompt_tokens, new.sampling)
         for chunk in plan.chunks:
-            table = self[chunk.seq_id].block_table
+            state = self[chunk.seq_id]
             if chunk.reset_blocks:
-                table.clear()
-            table.extend(chunk.new_blocks)
+                state.block_table.clear()
+            state.block_table.extend(chunk.new_blocks)
+            if PENDING_TOKEN in chunk.token_ids:
+                chunk.token_ids = self._fill_pending(chunk, state)
+
+    @staticmethod
+    def _fill_pending(chunk: SequenceChunk, state: WorkerSequence) -> list[int]:
+        """A token the engine had not seen when it planned the step is one this worker drew since."""
+        outputs = state.sampling.output_token_ids
+        first = chunk.start_position - state.num_prompt_tokens
+        return [outputs[first + i] if t == PENDING_TOKEN else t for i, t in enumerate(chunk.token_ids)]
 
     def record_samples(self, plan: StepPlan, tokens: list[int]) -> None:
         sampled = (chunk.seq_id for chunk in plan.chunks if chunk.sample)
@@ -161,13 +171,11 @@ class Worker:
     def execute(self, plan: StepPlan) -> list[int] | None:
         """Applies the plan's changes, runs the step; rank 0 returns the drawn tokens, other ranks None."""
         self.sequences.apply(plan)
-        if not plan.chunks:
-            return [] if self.rank == 0 else None
-        tokens = self.runner.execute(plan, self.sequences, sample=self.rank == 0)
-        if self.rank != 0:
-            return None
+        tokens = self.runner.execute(plan, self.sequences) if plan.chunks else []
+        # Every rank draws (same logits, same counter-based randomness, so the same tokens): each then knows
+        # the tokens that fill the next step's pending inputs without a broadcast.
         self.sequences.record_samples(plan, tokens)
-        return tokens
+        return tokens if self.rank == 0 else None
 
     def num_sequences(self) -> int:
         """How many sequences this worker holds state for (all are dropped once their requests end)."""

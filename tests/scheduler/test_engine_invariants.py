@@ -23,6 +23,7 @@ from rayinfer.scheduler.outputs import RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.step_plan import StepPlan
 from rayinfer.scheduler.executor_interface import Executor
+from rayinfer.scheduler.sequence import PENDING_TOKEN
 from rayinfer.workers.worker import SequenceStates
 
 MAX_MODEL_LEN = 160
@@ -46,18 +47,29 @@ class FakeExecutor(Executor):
         max_num_batched_tokens: int,
         engine_id: str,
         num_blocks: int = 8,
+        pipelined: bool = False,
     ) -> None:
         self.config = config
         self.block_size = config.block_size
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_blocks = num_blocks
+        # Pipelined: steps are only queued on submit and run when their result is asked for, as a worker
+        # actor runs them in order after the engine has already planned the next (with pending tokens).
+        self.pipelined = pipelined
+        self.num_pending_inputs = 0  # inputs planned before the token they stand for was drawn
         self.engine: Engine | None = None  # set after construction, for checks on sequences not in the plan
         self.known: dict[int, list[int]] = {}  # seq_id -> every token of its text seen so far (fed or sampled)
         self.states = SequenceStates()  # rebuilt from the plans' deltas alone, as a worker does
         self.num_steps = 0
         self.num_recomputes = 0
         self.max_blocks_in_use = 0
+
+    def submit(self, plan: StepPlan) -> object:
+        return plan if self.pipelined else self.execute(plan)
+
+    def result(self, handle: object) -> list[int]:
+        return self.execute(handle) if self.pipelined else handle
 
     def execute(self, plan: StepPlan) -> list[int]:
         if not plan.chunks:  # a flush: nothing runs, the workers only drop ended sequences
@@ -71,6 +83,7 @@ class FakeExecutor(Executor):
         assert len(seq_ids) == len(set(seq_ids)), "a sequence appears twice in one step"
         blocks_in_plan: set[int] = set()
         tokens = []
+        self.num_pending_inputs += sum(chunk.token_ids.count(PENDING_TOKEN) for chunk in plan.chunks)
         self.states.apply(plan)
         for chunk in plan.chunks:
             n = len(chunk.token_ids)
@@ -97,7 +110,7 @@ class FakeExecutor(Executor):
                 known.append(token)
                 tokens.append(token)
         self.states.record_samples(plan, tokens)
-        if self.engine is not None:
+        if self.engine is not None and not self.pipelined:  # a pipelined engine has moved on since submitting
             self._check_live_sequences(set(seq_ids))
         return tokens
 
@@ -127,10 +140,10 @@ class FakeExecutor(Executor):
         self.max_blocks_in_use = max(self.max_blocks_in_use, len(held))
 
 
-def make_engine(model_dir: Path, num_blocks: int, **config: object) -> Engine:
+def make_engine(model_dir: Path, num_blocks: int, pipelined: bool = False, **config: object) -> Engine:
     engine = Engine(
         EngineConfig(model=str(model_dir), max_model_len=MAX_MODEL_LEN, **config),
-        executor_factory=functools.partial(FakeExecutor, num_blocks=num_blocks),
+        executor_factory=functools.partial(FakeExecutor, num_blocks=num_blocks, pipelined=pipelined),
     )
     engine.executor.engine = engine
     return engine
@@ -151,7 +164,9 @@ def drain(engine: Engine, max_steps: int = 10_000) -> dict[str, RequestOutput]:
 # ---------------------------------------------------------------- random workloads
 
 
-def run_workload(model_dir: Path, seed: int, block_size: int, chunked: bool, small_pool: bool) -> Engine:
+def run_workload(
+    model_dir: Path, seed: int, block_size: int, chunked: bool, small_pool: bool, pipelined: bool = False
+) -> Engine:
     rng = random.Random(seed)
     budget = rng.randint(1, 64) if chunked else rng.randint(MAX_MODEL_LEN, MAX_MODEL_LEN + 40)
     longest = blocks_for(MAX_MODEL_LEN, block_size)  # the most any request here can need (prompt + max_tokens <= 160)
@@ -159,6 +174,7 @@ def run_workload(model_dir: Path, seed: int, block_size: int, chunked: bool, sma
     engine = make_engine(
         model_dir,
         num_blocks,
+        pipelined=pipelined,
         block_size=block_size,
         max_num_batched_tokens=budget,
         enable_chunked_prefill=chunked,
@@ -241,12 +257,16 @@ def run_workload(model_dir: Path, seed: int, block_size: int, chunked: bool, sma
     return engine
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["in-order", "pipelined"])
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole-prompts"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_random_workloads_on_a_small_pool(llama_dir: Path, block_size: int, chunked: bool) -> None:
+def test_random_workloads_on_a_small_pool(llama_dir: Path, block_size: int, chunked: bool, pipelined: bool) -> None:
     for seed in range(8):
-        engine = run_workload(llama_dir, 1000 * block_size + 10 * seed + chunked, block_size, chunked, small_pool=True)
+        engine = run_workload(
+            llama_dir, 1000 * block_size + 10 * seed + chunked, block_size, chunked, small_pool=True, pipelined=pipelined
+        )
         preemptions = engine.scheduler.num_preemptions
+        assert (engine.executor.num_pending_inputs > 0) == pipelined
         if engine.max_num_batched_tokens > 1:
             # The pool holds one longest request; 20+ requests cannot all fit, so some were preempted, and each
             # was recomputed from its text, which the executor checked token by token.

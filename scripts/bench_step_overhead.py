@@ -1,8 +1,12 @@
 #!/usr/bin/env python3
 """Per-step cost of the Ray executor against the in-process one: steady decode of 32 sequences, tiny model.
 
-Both engines run the same requests; the difference of their mean step times is what the Ray path adds
-(serialising the step plan, the actor calls, collecting the tokens).
+Both engines run the same requests, side by side, in alternating rounds (a run of in-process steps, then a run
+of Ray steps, and again) so that drift in the machine's speed hits both alike; steps are never interleaved one
+by one, since the Ray worker computes in the background and would slow the in-process step beside it. The
+difference of their median step times is what the Ray path adds (serialising the step plan, the compiled-graph
+round trip, collecting the tokens), net of what its pipelining hides (the next step is planned while the
+worker computes the current one).
 
     python scripts/bench_step_overhead.py [--model DIR] [--seqs 32] [--steps 200] [--tp 1] [--json FILE]
 """
@@ -17,23 +21,22 @@ import time
 from rayinfer.cluster import LLM, SamplingParams
 
 
-def time_decode_steps(llm: LLM, num_seqs: int, num_steps: int) -> list[float]:
+def start_decoding(llm: LLM, num_seqs: int, num_steps: int) -> None:
+    """Adds the requests and runs until every sequence decodes, plus a warm-up."""
     engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=num_steps + 64, ignore_eos=True)
     for i in range(num_seqs):
         engine.add_request(f"bench-{i}", None, params, prompt_token_ids=[7 + i % 50] * 8)
     while any(seq.num_uncomputed_tokens > 1 for seq in engine.scheduler.running) or engine.scheduler.waiting:
-        engine.step()  # prefill, until every sequence decodes
-    for _ in range(10):
-        engine.step()  # warm-up
-    times = []
-    for _ in range(num_steps):
-        start = time.perf_counter()
         engine.step()
-        times.append(time.perf_counter() - start)
-    for i in range(num_seqs):
-        engine.abort_request(f"bench-{i}")
-    return times
+    for _ in range(10):
+        engine.step()
+
+
+def timed_step(llm: LLM) -> float:
+    start = time.perf_counter()
+    llm.engine.step()
+    return time.perf_counter() - start
 
 
 def main() -> int:
@@ -52,16 +55,25 @@ def main() -> int:
     # only by the executor.
     torch.set_num_threads(1)
     ray.init(num_cpus=max(2, args.tp + 1), include_dashboard=False, log_to_driver=False)
-    results = {}
-    for name, engine_args in (
-        ("in-process", {}),
-        ("ray", {"distributed_executor_backend": "ray", "tensor_parallel_size": args.tp}),
-    ):
-        llm = LLM(args.model, max_num_seqs=args.seqs, **engine_args)
-        times = time_decode_steps(llm, args.seqs, args.steps)
+    engines = {
+        "in-process": LLM(args.model, max_num_seqs=args.seqs),
+        "ray": LLM(
+            args.model, max_num_seqs=args.seqs, distributed_executor_backend="ray", tensor_parallel_size=args.tp
+        ),
+    }
+    for llm in engines.values():
+        start_decoding(llm, args.seqs, args.steps)
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    rounds = 5
+    for _ in range(rounds):
+        for name, llm in engines.items():
+            times[name] += [timed_step(llm) for _ in range(args.steps // rounds)]
+    for llm in engines.values():
         llm.shutdown()
-        results[name] = {"mean_ms": 1e3 * statistics.mean(times), "median_ms": 1e3 * statistics.median(times)}
-    overhead = results["ray"]["mean_ms"] - results["in-process"]["mean_ms"]
+    results = {
+        name: {"mean_ms": 1e3 * statistics.mean(t), "median_ms": 1e3 * statistics.median(t)} for name, t in times.items()
+    }
+    overhead = results["ray"]["median_ms"] - results["in-process"]["median_ms"]
     for name, r in results.items():
         print(f"{name:>11}: mean {r['mean_ms']:.3f} ms/step, median {r['median_ms']:.3f} ms/step")
     print(f"Ray overhead (tp={args.tp}, {args.seqs} decoding sequences): {overhead:.3f} ms/step")

@@ -26,9 +26,11 @@ logger = logging.getLogger(__name__)
 
 PLACEMENT_TIMEOUT_S = 60.0
 SETUP_TIMEOUT_S = 300.0
-# Steps go through a Ray compiled graph (shared-memory channels: a fraction of an ordinary actor call's
-# cost); RAYINFER_RAY_COMPILED_GRAPH=0 falls back to plain actor calls.
-USE_COMPILED_GRAPH = os.environ.get("RAYINFER_RAY_COMPILED_GRAPH", "1") != "0"
+# Steps to GPU workers go through a Ray compiled graph: shared-memory channels cost a fraction of an actor
+# call, but each worker then polls its channel and keeps a CPU core busy even when idle. That is cheap beside a
+# GPU and ruinous on a CPU-only machine, whose workers use plain (pipelined) actor calls instead.
+# RAYINFER_RAY_COMPILED_GRAPH=1 or 0 forces the choice.
+COMPILED_GRAPH_ENV = "RAYINFER_RAY_COMPILED_GRAPH"
 
 
 def worker_bundles(config: EngineConfig) -> list[dict[str, float]]:
@@ -106,8 +108,14 @@ class RayExecutor(Executor):
             self._replace_failed_group()
             raise WorkerGroupFailure(f"starting the worker group failed: {exc}") from exc
         logger.info("engine %s: %d workers up (generation %d), %d KV blocks", self.engine_id, world, self.generation, num_blocks)
-        self._graph = self._compile_step_graph() if USE_COMPILED_GRAPH else None
+        self._graph = self._compile_step_graph() if self._wants_compiled_graph() else None
         return num_blocks
+
+    def _wants_compiled_graph(self) -> bool:
+        setting = os.environ.get(COMPILED_GRAPH_ENV, "auto")
+        if setting in ("0", "1"):
+            return setting == "1"
+        return any(bundle.get("GPU", 0) > 0 for bundle in self.bundles)
 
     def _compile_step_graph(self):  # noqa: ANN202 - a ray.dag.CompiledDAG
         from ray.dag import InputNode, MultiOutputNode

@@ -31,11 +31,19 @@ def _run_to_end(llm: LLM) -> dict[str, object]:
     return finished
 
 
-@pytest.mark.parametrize("kv_heads", [2, 1], ids=["kv-split", "kv-replicated"])
-def test_tp2_matches_tp1_and_transformers(kv_heads: int, tiny_checkpoint, hf_greedy, ray_session) -> None:
+@pytest.mark.parametrize(
+    ("kv_heads", "compiled_graph"),
+    [(2, "0"), (1, "0"), (2, "1")],
+    ids=["kv-split", "kv-replicated", "kv-split-compiled-graph"],
+)
+def test_tp2_matches_tp1_and_transformers(
+    kv_heads: int, compiled_graph: str, tiny_checkpoint, hf_greedy, ray_session, monkeypatch
+) -> None:
+    monkeypatch.setenv("RAYINFER_RAY_COMPILED_GRAPH", compiled_graph)
     model_dir = tiny_checkpoint("llama", num_key_value_heads=kv_heads)
     llm = _ray_llm(model_dir, max_num_batched_tokens=16)
     try:
+        assert (llm.engine.executor._graph is not None) == (compiled_graph == "1")
         prompts = _token_prompts(llm)
         ours = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
         assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
@@ -47,7 +55,11 @@ def test_tp2_matches_tp1_and_transformers(kv_heads: int, tiny_checkpoint, hf_gre
     assert ours == hf_greedy(model_dir, [p["prompt_token_ids"] for p in prompts], GREEDY.max_tokens)
 
 
-def test_killed_worker_is_replaced_and_outputs_are_unchanged(llama_dir: Path, ray_session) -> None:
+@pytest.mark.parametrize("compiled_graph", ["0", "1"], ids=["actor-calls", "compiled-graph"])
+def test_killed_worker_is_replaced_and_outputs_are_unchanged(
+    compiled_graph: str, llama_dir: Path, ray_session, monkeypatch
+) -> None:
+    monkeypatch.setenv("RAYINFER_RAY_COMPILED_GRAPH", compiled_graph)
     reference = LLM(str(llama_dir)).generate(PROMPTS, GREEDY, use_tqdm=False)
     llm = _ray_llm(llama_dir, max_num_batched_tokens=16)
     try:

@@ -31,17 +31,37 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint_tensors(model_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+class CheckpointTensor:
+    """A tensor in a safetensors file, read only as far as a loader asks: a rank reads its shard, not the whole."""
+
+    def __init__(self, name: str, file_slice: object) -> None:
+        self.name = name
+        self._slice = file_slice
+        self.shape = tuple(file_slice.get_shape())
+        self.num_elements_read = 0
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        part = self._slice[index]
+        self.num_elements_read += part.numel()
+        return part
+
+    def full(self) -> torch.Tensor:
+        return self.narrow(0, 0, self.shape[0])
+
+
+def iter_checkpoint_tensors(model_dir: str | Path) -> Iterator[tuple[str, CheckpointTensor]]:
+    """Every tensor of the checkpoint, unread: its loader reads what it needs while the file is open."""
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, CheckpointTensor(name, f.get_slice(name))
 
 
-def _default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(loaded.shape)} does not fit parameter {tuple(param.shape)}")
-    param.data.copy_(loaded)
+def _default_loader(param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
+    if tuple(param.shape) != loaded.shape:
+        raise ValueError(f"checkpoint tensor {loaded.name} of shape {loaded.shape} does not fit parameter {tuple(param.shape)}")
+    param.data.copy_(loaded.full())
 
 
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:
@@ -63,7 +83,13 @@ def load_weights(model: nn.Module, model_dir: str | Path) -> None:
             unexpected.append(name)
             continue
         loader = getattr(param, "weight_loader", _default_loader)
-        loader(param, tensor.to(param.dtype), shard_id)
+        try:
+            loader(param, tensor, shard_id)  # copy_ casts to the parameter's dtype
+        except RuntimeError as exc:  # a shape that disagrees with config.json
+            raise ValueError(
+                f"checkpoint tensor {name} of shape {tensor.shape} does not fit parameter {name} of shape "
+                f"{tuple(param.shape)} built from config.json: {exc}"
+            ) from exc
         filled.add(name)
     if unexpected:
         raise ValueError(f"checkpoint {model_dir} has tensors this model does not use: {unexpected[:8]}")

@@ -1,11 +1,16 @@
 """Token embedding and LM head split by vocabulary range across tensor-parallel ranks."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rayinfer.workers.parallel_state import tp_group
+
+if TYPE_CHECKING:
+    from rayinfer.workers.weight_loader import CheckpointTensor
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -18,11 +23,12 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.load_rows
 
-    def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def load_rows(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
         # The last rank may hold fewer real rows; its padding rows stay zero and are never selected.
-        part = loaded[self.vocab_start : self.vocab_start + self.rows_per_rank]
+        rows = max(0, min(self.rows_per_rank, loaded.shape[0] - self.vocab_start))
         param.data.zero_()
-        param.data[: part.shape[0]].copy_(part)
+        if rows:
+            param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

@@ -1,11 +1,16 @@
 """Linear layers split across tensor-parallel ranks, each parameter carrying the loader that cuts its shard."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rayinfer.workers.parallel_state import tp_group
+
+if TYPE_CHECKING:
+    from rayinfer.workers.weight_loader import CheckpointTensor
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
@@ -31,7 +36,7 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.weight_loader = self.load_rows
 
-    def load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def load_rows(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
         rows = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp.rank * rows, rows))
 
@@ -52,7 +57,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def _shard_offset(self, shard_id: int) -> tuple[int, int]:
         return sum(self.shard_rows[:shard_id]), self.shard_rows[shard_id]
 
-    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+    def load_shard(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: object) -> None:
         offset, rows = self._shard_offset(shard_id)
         source_start = self._source_start(shard_id, rows)
         param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, source_start, rows))
@@ -99,9 +104,9 @@ class RowParallelLinear(nn.Module):
         self.weight.weight_loader = self.load_columns
         self.bias = _param(out_features) if bias else None
         if self.bias is not None:
-            self.bias.weight_loader = lambda param, loaded, shard_id=None: param.data.copy_(loaded)
+            self.bias.weight_loader = lambda param, loaded, shard_id=None: param.data.copy_(loaded.full())
 
-    def load_columns(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def load_columns(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
         param.data.copy_(loaded.narrow(1, self.tp.rank * self.in_per_rank, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -12,30 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections.abc import Callable
 
 import torch
+from cuda_timing import cuda_time_ms  # scripts/ is on sys.path when a script here runs
 
 from rayinfer.kernels import activation, attention, norm, rotary
 
 GB = 1e9
-
-
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 40) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def copy_bandwidth(dtype: torch.dtype) -> float:

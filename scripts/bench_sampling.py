@@ -11,29 +11,13 @@ paths (all of them, short of a top-p cut within float rounding of p).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from collections.abc import Callable
 
 import torch
+from cuda_timing import cuda_time_ms  # scripts/ is on sys.path when a script here runs
 
 BATCHES = (1, 32, 256)
 VOCABS = (32_000, 128_256)  # Llama 2 and Llama 3 vocabularies
-
-
-def cuda_time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 50) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def make_inputs(batch: int, vocab: int, args: argparse.Namespace) -> tuple:

@@ -11,14 +11,13 @@ from typing import Any
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.block_manager import BlockManager, blocks_for
 from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
+from rayinfer.scheduler.executor_interface import Executor, WorkerGroupFailure
 from rayinfer.scheduler.output_processor import OutputProcessor
 from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from rayinfer.scheduler.sequence import Request, Sequence
 from rayinfer.scheduler.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
-
-from rayinfer.scheduler.executor_interface import Executor, WorkerGroupFailure
 
 logger = logging.getLogger(__name__)
 

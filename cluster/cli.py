@@ -54,6 +54,48 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    from rayinfer.cluster.serve_app import build_app
+
+    model = args.model
+    if model is None:
+        from rayinfer.cluster.tiny_model import default_tiny_model_dir
+
+        model = str(default_tiny_model_dir())
+    config = EngineConfig(model=model, **_engine_kwargs(args))
+    if args.ray_address == "local":
+        ray.init(include_dashboard=False, log_to_driver=False)
+    else:
+        try:  # a running cluster (`ray up`, `ray start`) if there is one
+            ray.init(address=args.ray_address, log_to_driver=False)
+        except ConnectionError:
+            ray.init(log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    name = args.served_model_name or model
+    serve.run(build_app(config, served_model_name=name), name="rayinfer", route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    print(f"rayinfer is serving {name!r} at {url}", flush=True)
+    print(
+        f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+        flush=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print("rayinfer: shutting down", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayinfer", description="LLM inference and serving on Ray")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +109,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--sampling-seed", dest="sampling_seed", type=int, default=None)
     _add_engine_args(generate)
     generate.set_defaults(handler=_generate)
+
+    serve_cmd = commands.add_parser("serve", help="start the OpenAI-compatible server on Ray Serve")
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("--served-model-name", default=None, help="the model name clients send (default: the path)")
+    serve_cmd.add_argument(
+        "--ray-address",
+        default="auto",
+        help="Ray cluster to join ('auto': the running one, else a new local one; 'local': always a new local one)",
+    )
+    _add_engine_args(serve_cmd)
+    serve_cmd.set_defaults(handler=_serve)
     return parser
 
 

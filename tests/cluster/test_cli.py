@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from rayinfer.cluster.cli import main
 
 
@@ -24,3 +26,50 @@ def test_generate_reads_prompts_file(llama_dir: Path, tmp_path: Path, capsys) ->
 def test_bad_engine_arg_is_a_clean_error(llama_dir: Path, capsys) -> None:
     assert main(["generate", "--model", str(llama_dir), "--block-size", "24", "Hello"]) == 2
     assert "block_size" in capsys.readouterr().err
+
+
+def test_serve_answers_and_stops_cleanly_on_ctrl_c(llama_dir: Path, tmp_path: Path) -> None:
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    requests = pytest.importorskip("requests", reason="installed with the 'serve' extra")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    rayinfer = shutil.which("rayinfer", path=os.path.dirname(sys.executable))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        # A Ray instance of its own, never the test session's (nor any other on this machine).
+        [rayinfer, "serve", "--model", str(llama_dir), "--port", str(port), "--served-model-name", "tiny", "--ray-address", "local"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not any("is serving" in line for line in lines):  # printed once the whole app is up
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.5)
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3}
+        reply = requests.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, "".join(lines)
+        reader.join(timeout=10)
+        output = "".join(lines)
+        assert f"at http://127.0.0.1:{port}" in output and "curl" in output and "shutting down" in output
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

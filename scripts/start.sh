@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# Sets up (see setup.sh) and runs the main job: generation on the built-in tiny checkpoint.
-# Extra arguments go to `rayinfer generate` (e.g. --model PATH --max-tokens 64 "a prompt").
+# Sets up (see setup.sh) and starts the main job: the OpenAI-compatible server on the built-in tiny checkpoint
+# (Ctrl-C stops it). Extra arguments go to `rayinfer serve`, e.g. --model PATH --port 8000 --tensor-parallel-size 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-if [ "$#" -eq 0 ]; then
-    set -- "The quick brown fox" "Once upon a time" "The capital of France is"
-fi
-exec .venv/bin/rayinfer generate "$@"
+exec .venv/bin/rayinfer serve "$@"

@@ -14,10 +14,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayError
+from ray.serve.exceptions import BackPressureError
 
 from rayinfer.cluster import protocol as p
+from rayinfer.cluster.metrics import ReplicaMetrics, render_prometheus
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.actor import EngineActor
 from rayinfer.scheduler.outputs import RequestOutput
@@ -26,12 +29,34 @@ from rayinfer.scheduler.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+# Serve's default of 5 ongoing requests per replica would starve continuous batching; the queue in front of
+# the replicas is bounded so that overload answers 503 instead of growing without limit.
+ENGINE_MAX_ONGOING_REQUESTS = 256
+ENGINE_MAX_QUEUED_REQUESTS = 1024
+INGRESS_MAX_ONGOING_REQUESTS = 2048
+RETRY_AFTER_S = 1
+
+
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=ENGINE_MAX_ONGOING_REQUESTS,
+    max_queued_requests=ENGINE_MAX_QUEUED_REQUESTS,
+)
 class EngineDeployment:
     """One engine replica; Serve adds and removes whole replicas, each with its own workers."""
 
     def __init__(self, config: EngineConfig) -> None:
+        from rayinfer.cluster.metrics_board import Publisher
+        from rayinfer.cluster.tiny_model import ensure_model_dir
+
+        ensure_model_dir(config.model)  # the built-in tiny model is built on whichever node the replica lands
         self.engine = EngineActor(config)
+        self.metrics = ReplicaMetrics()
+        context = serve.get_replica_context()
+        self.publisher = Publisher(context.app_name, context.replica_tag, self._snapshot)
+
+    def _snapshot(self) -> dict[str, Any]:
+        return self.metrics.snapshot(self.engine.stats())
 
     def info(self) -> dict[str, Any]:
         engine = self.engine.engine
@@ -40,8 +65,18 @@ class EngineDeployment:
     async def generate(
         self, request_id: str, prompt: str | None, params: SamplingParams, prompt_token_ids: list[int] | None
     ) -> AsyncIterator[RequestOutput]:
-        async for delta in self.engine.generate(request_id, prompt, params, prompt_token_ids):
-            yield delta
+        timer = self.metrics.track()
+        try:
+            async for delta in self.engine.generate(request_id, prompt, params, prompt_token_ids):
+                timer.on_delta(delta)
+                yield delta
+        except ValueError:  # refused before it started: not a served request
+            timer = None
+            raise
+        finally:
+            if timer is not None:
+                timer.on_end()
+                self.publisher.poke()
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
@@ -49,12 +84,59 @@ class EngineDeployment:
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
 
+    def check_health(self) -> None:
+        """Serve replaces a replica whose worker group died beyond repair."""
+        if self.engine.engine.failure is not None:
+            raise RuntimeError(self.engine.engine.failure)
 
+    def __del__(self) -> None:
+        publisher = getattr(self, "publisher", None)
+        if publisher is not None:
+            publisher.stop()
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+# Serve pickles a deployment's class when it is decorated, with the module globals that exist at that moment:
+# every helper the deployments call must be defined above them.
 app = FastAPI(title="rayinfer", description="OpenAI-compatible LLM serving on Ray")
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None) -> JSONResponse:
-    return JSONResponse(p.error_body(message, type_, param=param, code=status), status_code=status)
+def _error(
+    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, headers=None
+) -> JSONResponse:
+    return JSONResponse(p.error_body(message, type_, param=param, code=status), status_code=status, headers=headers)
+
+
+def _engine_error(exc: BaseException) -> JSONResponse:
+    """The response for a request the engine did not take or could not finish."""
+    if isinstance(exc, BackPressureError):
+        return _error(503, "the server is at capacity: too many requests are queued; retry shortly",
+                      type_="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, ValueError):  # the engine's own validation (Ray re-raises it as a ValueError subclass)
+        return _error(400, str(getattr(exc, "cause", None) or exc))
+    logger.error("engine call failed: %s", exc)
+    return _error(500, f"the engine failed this request: {type(exc).__name__}", type_="internal_error")
+
+
+def _cancel(streams: list) -> None:
+    for stream in streams:
+        try:
+            stream.cancel()
+        except Exception:  # cancel() re-raises why the call failed (refused, say): it is over either way
+            pass
+
+
+def _error_event(response: JSONResponse) -> str:
+    """An error as a server-sent event: the stream's status line was already sent."""
+    return f"data: {response.body.decode()}\n\n"
+
+
+@app.exception_handler(RayError)
+async def _engine_call_failed(request: Request, exc: Exception) -> JSONResponse:
+    """An engine call outside the generation path (its limits, say) that was refused or failed."""
+    return _engine_error(exc)
 
 
 @app.exception_handler(RequestValidationError)
@@ -62,7 +144,7 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     return JSONResponse(p.validation_error_body(exc), status_code=400)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, engine: Any, served_model_name: str, tokenizer_path: str) -> None:
@@ -72,10 +154,12 @@ class Ingress:
         self.model_name = served_model_name
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.max_model_len: int | None = None
+        self._limits_lock = asyncio.Lock()
 
     async def _limits(self) -> int:
-        if self.max_model_len is None:
-            self.max_model_len = (await self.engine.info.remote())["max_model_len"]
+        async with self._limits_lock:  # one engine call fetches them, however many requests arrive first
+            if self.max_model_len is None:
+                self.max_model_len = (await self.engine.info.remote())["max_model_len"]
         return self.max_model_len
 
     def _unknown_model(self, model: str | None) -> JSONResponse | None:
@@ -88,6 +172,15 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from rayinfer.cluster.metrics_board import live_snapshots
+
+        snapshots = live_snapshots(serve.get_replica_context().app_name)
+        return Response(render_prometheus(snapshots, self.model_name), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models(self) -> dict:
@@ -139,7 +232,10 @@ class Ingress:
         return None, list(prompt)
 
     async def _serve(self, body: Any, prompts: list[tuple[str | None, list[int]]], chat: bool) -> Any:
-        max_model_len = await self._limits()
+        try:
+            max_model_len = await self._limits()
+        except (BackPressureError, RayError) as exc:
+            return _engine_error(exc)
         for _, ids in prompts:
             if len(ids) >= max_model_len:
                 field = "messages" if chat else "prompt"
@@ -156,15 +252,26 @@ class Ingress:
             self.engine.options(stream=True).generate.remote(rid, text, sp, ids)
             for rid, (text, ids), sp in zip(request_ids, prompts, params)
         ]
+        # The first delta decides the status: a refused, queued-out or failed request must not answer 200.
+        try:
+            firsts = await asyncio.gather(*(anext(stream) for stream in streams), return_exceptions=True)
+        except asyncio.CancelledError:  # the client left while the prompts were being prefilled
+            _cancel(streams)
+            raise
+        failure = next((first for first in firsts if isinstance(first, BaseException)), None)
+        if failure is not None:
+            _cancel(streams)
+            return _engine_error(failure)
         if body.stream:
             return StreamingResponse(
-                self._sse(body, request_ids[0], streams, params, [len(ids) for _, ids in prompts], chat),
+                self._sse(body, request_ids[0], firsts, streams, params, [len(ids) for _, ids in prompts], chat),
                 media_type="text/event-stream",
             )
         try:
-            outputs = [[delta async for delta in stream] for stream in streams]
-        except ValueError as exc:
-            return _error(400, str(exc))
+            outputs = [[first] + [delta async for delta in stream] for first, stream in zip(firsts, streams)]
+        except Exception as exc:
+            _cancel(streams)
+            return _engine_error(exc)
         return self._full_response(body, request_ids[0], outputs, params, chat)
 
     def _full_response(self, body: Any, response_id: str, outputs: list[list[RequestOutput]], params, chat: bool):
@@ -194,12 +301,13 @@ class Ingress:
             return p.ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
         return p.CompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
 
-    async def _sse(self, body, response_id, streams, params, prompt_lens, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, body, response_id, firsts, streams, params, prompt_lens, chat: bool) -> AsyncIterator[str]:
         """Merges the prompts' delta streams into one event stream, each event sent the moment it exists."""
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(prompt_index: int, stream) -> None:
             try:
+                await queue.put((prompt_index, firsts[prompt_index]))
                 async for delta in stream:
                     await queue.put((prompt_index, delta))
             except Exception as exc:  # surfaced to the client as an error event
@@ -218,7 +326,7 @@ class Ingress:
                     open_streams -= 1
                     continue
                 if isinstance(item, Exception):
-                    yield f"data: {p.ErrorResponse(**p.error_body(str(item), 'invalid_request_error', code=400)).model_dump_json()}\n\n"
+                    yield _error_event(_engine_error(item))
                     continue
                 choices = []
                 for c in item.outputs:
@@ -234,22 +342,54 @@ class Ingress:
                         choices.append(p.CompletionChoice(index=index, text=c.text, finish_reason=c.finish_reason))
                 if choices:
                     yield p.sse_event(chunk_cls(id=response_id, created=created, model=model, choices=choices))
+                if item.error:
+                    yield _error_event(_error(500, f"the engine failed this request: {item.error}", "internal_error"))
             if body.include_usage:
                 usage = p.UsageInfo.of(sum(prompt_lens), completion_tokens)
                 yield p.sse_event(chunk_cls(id=response_id, created=created, model=model, choices=[], usage=usage))
             yield p.SSE_DONE
         finally:
             for task in tasks:
-                task.cancel()  # a client that went away cancels its streams, which aborts the requests
+                task.cancel()
+            _cancel(streams)  # a client that went away aborts its requests, which frees their blocks at once
 
 
-def build_app(config: EngineConfig, served_model_name: str | None = None) -> Any:
-    """The Serve application: one engine deployment whose replicas own their workers' placement group."""
+def build_app(
+    config: EngineConfig,
+    served_model_name: str | None = None,
+    deployment_options: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """The Serve application: one engine deployment whose replicas own their workers' placement group.
+
+    `deployment_options` maps a deployment name (`EngineDeployment`, `Ingress`) to Serve options
+    (`autoscaling_config`, `max_ongoing_requests`, ...), as the `deployments:` list of a Serve config file does.
+    """
     from rayinfer.workers.ray_executor import worker_bundles
 
+    options = deployment_options or {}
     if config.distributed_executor_backend is None:
         config = config.model_copy(update={"distributed_executor_backend": "ray"})
-    engine = EngineDeployment.options(
-        placement_group_bundles=worker_bundles(config), placement_group_strategy=config.placement_strategy
-    ).bind(config)
-    return Ingress.bind(engine, served_model_name or config.model, config.tokenizer_path)
+    engine_options = {
+        "placement_group_bundles": worker_bundles(config),
+        "placement_group_strategy": config.placement_strategy,
+        **options.get("EngineDeployment", {}),
+    }
+    engine = EngineDeployment.options(**engine_options).bind(config)
+    ingress = Ingress.options(**options["Ingress"]) if "Ingress" in options else Ingress
+    return ingress.bind(engine, served_model_name or config.model, config.tokenizer_path)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """The `import_path` of Serve config files (`serve run configs/serve/tiny.yaml` or `rayinfer serve ...`).
+
+    `args` holds engine arguments plus `served_model_name`; a missing or null `model` serves the built-in tiny
+    checkpoint. Per-deployment settings (autoscaling and so on) come from the file's `deployments:` list.
+    """
+    engine_args = dict(args)
+    served_model_name = engine_args.pop("served_model_name", None)
+    model = engine_args.pop("model", None)
+    if model is None:
+        from rayinfer.cluster.tiny_model import default_tiny_model_dir
+
+        model = str(default_tiny_model_dir())
+    return build_app(EngineConfig(model=model, **engine_args), served_model_name=served_model_name)

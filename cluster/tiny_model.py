@@ -283,3 +283,13 @@ def default_tiny_model_dir(arch: str = "llama") -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built tiny %s checkpoint at %s", arch, target)
     return target
+
+
+def ensure_model_dir(model: str) -> None:
+    """Builds the default tiny checkpoint where `model` names it but this node lacks it (a fresh cluster node)."""
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return
+    for arch in SUPPORTED_TINY_ARCHS:
+        if path == _cache_root() / f"tiny-{arch}-v{TINY_FORMAT_VERSION}":
+            default_tiny_model_dir(arch)

@@ -65,6 +65,8 @@ class Engine:
         limits = SchedulerLimits(config.max_num_seqs, self.max_num_batched_tokens, config.enable_chunked_prefill)
         self.scheduler = Scheduler(limits, self.block_manager)
         self.output_processor = OutputProcessor(self.max_model_len)
+        # Set when the worker group died and could not be replaced; a serving replica reports itself unhealthy.
+        self.failure: str | None = None
         eos = set(self.model_spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -305,9 +307,11 @@ class Engine:
         self.scheduler.preempt_all()
         try:
             self.executor.restart()
+            self.failure = None
         except Exception as exc:
             message = f"the worker group failed ({failure}) and could not be replaced: {exc}"
             logger.error(message)
+            self.failure = message
             outputs = []
             for request in list(self.requests.values()):
                 self._fail_request(request, message)

@@ -2,39 +2,12 @@
 from __future__ import annotations
 
 import json
-import socket
-from pathlib import Path
 
 import pytest
 
 from rayinfer.cluster import LLM, SamplingParams
-from rayinfer.configs import EngineConfig
 
 requests = pytest.importorskip("requests", reason="installed with the 'serve' extra")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(llama_dir: Path, ray_session):
-    from ray import serve
-
-    from rayinfer.cluster.serve_app import build_app
-
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(EngineConfig(model=str(llama_dir)), served_model_name="tiny"), name="rayinfer-test", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
-
-
-@pytest.fixture(scope="module")
-def offline(llama_dir: Path) -> LLM:
-    return LLM(str(llama_dir))
 
 
 def _post(url: str, body: dict, **kwargs) -> requests.Response:
@@ -113,6 +86,32 @@ def test_errors_are_openai_shaped(server: str, body: dict, status: int, param: s
     assert error["param"] == param
     if param == "prompt":
         assert "512" in error["message"] and "600" in error["message"]
+
+
+def test_malformed_json_and_bad_chat_are_400_and_the_server_keeps_serving(server: str) -> None:
+    broken = requests.post(f"{server}/v1/completions", data="{not json", timeout=30,
+                           headers={"Content-Type": "application/json"})
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+    too_long = _post(f"{server}/v1/chat/completions",
+                     {"model": "tiny", "messages": [{"role": "user", "content": "word " * 600}]})
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "messages"
+    missing = _post(f"{server}/v1/chat/completions", {"model": "tiny"})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "messages"
+    ok = _post(f"{server}/v1/completions", {"model": "tiny", "prompt": "still here", "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_metrics_parse_and_count_served_tokens(server: str, metrics) -> None:
+    before = metrics.samples(server).get("rayinfer_generation_tokens_total", 0)
+    _post(f"{server}/v1/completions", {"model": "tiny", "prompt": "count me", "max_tokens": 4, "ignore_eos": True})
+    samples = metrics.wait_for(server, lambda s: s["rayinfer_generation_tokens_total"] >= before + 4)
+    expected = {"rayinfer_num_requests_running", "rayinfer_num_requests_waiting", "rayinfer_kv_cache_usage_ratio",
+                "rayinfer_num_preemptions_total", "rayinfer_prompt_tokens_total", "rayinfer_generation_tokens_total",
+                "rayinfer_time_to_first_token_seconds_count", "rayinfer_inter_token_latency_seconds_count",
+                "rayinfer_e2e_request_latency_seconds_count"}
+    assert expected <= set(samples)
+    assert samples["rayinfer_num_engine_replicas"] == 1
+    assert samples["rayinfer_e2e_request_latency_seconds_count"] >= 1
 
 
 def test_tokenize_round_trip(server: str) -> None:

@@ -54,6 +54,28 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served_apps(args: argparse.Namespace) -> tuple[str, int, list]:
+    """The applications to deploy: the config file's (if given) with the command line's overrides on top."""
+    from rayinfer.cluster.serve_config import ServeConfig, ServedApp, load_serve_config
+
+    config = load_serve_config(args.config) if args.config else ServeConfig(apps=[ServedApp("rayinfer", "/", {})])
+    overrides = _engine_kwargs(args)
+    if args.model is not None:
+        overrides["model"] = args.model
+    if args.served_model_name is not None:
+        overrides["served_model_name"] = args.served_model_name
+    for app in config.apps:
+        app.args.update(overrides)
+        if app.args.get("model") is None:  # resolved here so the printed name and the replicas agree
+            from rayinfer.cluster.tiny_model import default_tiny_model_dir
+
+            app.args["model"] = str(default_tiny_model_dir())
+        EngineConfig(**{k: v for k, v in app.args.items() if k != "served_model_name"})  # bad args fail before Ray
+    host = args.host if args.host is not None else config.host
+    port = args.port if args.port is not None else config.port
+    return host, port, config.apps
+
+
 def _serve(args: argparse.Namespace) -> int:
     import signal
     import threading
@@ -61,14 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from rayinfer.cluster.serve_app import build_app
-
-    model = args.model
-    if model is None:
-        from rayinfer.cluster.tiny_model import default_tiny_model_dir
-
-        model = str(default_tiny_model_dir())
-    config = EngineConfig(model=model, **_engine_kwargs(args))
+    host, port, apps = _served_apps(args)
     if args.ray_address == "local":
         ray.init(include_dashboard=False, log_to_driver=False)
     else:
@@ -76,16 +91,17 @@ def _serve(args: argparse.Namespace) -> int:
             ray.init(address=args.ray_address, log_to_driver=False)
         except ConnectionError:
             ray.init(log_to_driver=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    name = args.served_model_name or model
-    serve.run(build_app(config, served_model_name=name), name="rayinfer", route_prefix="/")
-    url = f"http://{args.host}:{args.port}"
-    print(f"rayinfer is serving {name!r} at {url}", flush=True)
-    print(
-        f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
-        f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
-        flush=True,
-    )
+    serve.start(http_options={"host": host, "port": port})
+    for app in apps:
+        serve.run(app.build(), name=app.name, route_prefix=app.route_prefix)
+        name = app.args.get("served_model_name") or app.args["model"]
+        url = f"http://{host}:{port}{app.route_prefix.rstrip('/')}"
+        print(f"rayinfer is serving {name!r} at {url}", flush=True)
+        print(
+            f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+            flush=True,
+        )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -94,6 +110,29 @@ def _serve(args: argparse.Namespace) -> int:
     serve.shutdown()
     ray.shutdown()
     return 0
+
+
+def _benchmark_scripts() -> dict[str, Path]:
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    return {p.stem[len("bench_"):].replace("_", "-"): p for p in sorted(scripts.glob("bench_*.py"))}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    scripts = _benchmark_scripts()
+    if not scripts:
+        print("rayinfer bench runs the benchmark scripts of a source checkout (scripts/bench_*.py); "
+              "none is next to this installation", file=sys.stderr)
+        return 2
+    if args.name not in scripts:
+        if args.name is not None:
+            print(f"rayinfer bench: no benchmark {args.name!r}", file=sys.stderr)
+        print("benchmarks (rayinfer bench NAME --help for each one's options):")
+        for name, path in scripts.items():
+            print(f"  {name:16s} {path}")
+        return 0 if args.name is None else 2
+    return subprocess.call([sys.executable, str(scripts[args.name]), *args.script_args])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_generate)
 
     serve_cmd = commands.add_parser("serve", help="start the OpenAI-compatible server on Ray Serve")
-    serve_cmd.add_argument("--host", default="127.0.0.1")
-    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument("config", nargs="?", help="a Serve config file (configs/serve/*.yaml); flags override it")
+    serve_cmd.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
+    serve_cmd.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
     serve_cmd.add_argument("--served-model-name", default=None, help="the model name clients send (default: the path)")
     serve_cmd.add_argument(
         "--ray-address",
@@ -121,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_args(serve_cmd)
     serve_cmd.set_defaults(handler=_serve)
+
+    bench = commands.add_parser("bench", help="run a benchmark script from scripts/ (no name: list them)")
+    bench.add_argument("name", nargs="?", help="the benchmark, e.g. step-overhead")
+    bench.add_argument("script_args", nargs=argparse.REMAINDER, help="passed to the script")
+    bench.set_defaults(handler=_bench)
     return parser
 
 

@@ -380,11 +380,14 @@ def build_app(
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """The `import_path` of Serve config files (`serve run configs/serve/tiny.yaml` or `rayinfer serve ...`).
+    """The `import_path` of Serve config files (`serve run configs/serve/tiny.yaml`); Serve applies the file's
+    `deployments:` settings itself, and requires a builder to take exactly this one argument."""
+    return build_app_from_args(args)
 
-    `args` holds engine arguments plus `served_model_name`; a missing or null `model` serves the built-in tiny
-    checkpoint. Per-deployment settings (autoscaling and so on) come from the file's `deployments:` list.
-    """
+
+def build_app_from_args(args: dict[str, Any], deployment_options: dict[str, dict[str, Any]] | None = None) -> Any:
+    """The application for a config file's `args`: engine arguments plus `served_model_name`; a missing or null
+    `model` serves the built-in tiny checkpoint."""
     engine_args = dict(args)
     served_model_name = engine_args.pop("served_model_name", None)
     model = engine_args.pop("model", None)
@@ -392,4 +395,5 @@ def app_builder(args: dict[str, Any]) -> Any:
         from rayinfer.cluster.tiny_model import default_tiny_model_dir
 
         model = str(default_tiny_model_dir())
-    return build_app(EngineConfig(model=model, **engine_args), served_model_name=served_model_name)
+    config = EngineConfig(model=model, **engine_args)
+    return build_app(config, served_model_name=served_model_name, deployment_options=deployment_options)

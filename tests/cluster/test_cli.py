@@ -1,4 +1,4 @@
-"""`rayinfer generate` prints completions and reports bad arguments without a traceback."""
+"""The `rayinfer` command: generate, serve (from flags or a Serve config file) and bench."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,6 +28,36 @@ def test_bad_engine_arg_is_a_clean_error(llama_dir: Path, capsys) -> None:
     assert "block_size" in capsys.readouterr().err
 
 
+TINY_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "serve" / "tiny.yaml"
+
+
+def test_serve_flags_override_the_config_file(llama_dir: Path) -> None:
+    pytest.importorskip("ray.serve", reason="installed with the 'serve' extra")
+    from rayinfer.cluster.cli import _served_apps, build_parser
+
+    args = build_parser().parse_args(
+        ["serve", str(TINY_SERVE_CONFIG), "--model", str(llama_dir), "--port", "9100", "--max-num-seqs", "4"]
+    )
+    host, port, apps = _served_apps(args)
+    assert (host, port) == ("127.0.0.1", 9100)  # host from the file, port from the flag
+    assert apps[0].args["model"] == str(llama_dir) and apps[0].args["max_num_seqs"] == "4"
+    assert apps[0].args["served_model_name"] == "tiny" and apps[0].args["device"] == "cpu"
+    assert apps[0].deployment_options["EngineDeployment"]["autoscaling_config"]["max_replicas"] == 2
+
+
+def test_serve_refuses_bad_engine_args_before_starting_ray(capsys) -> None:
+    assert main(["serve", str(TINY_SERVE_CONFIG), "--block-size", "24"]) == 2
+    assert "block_size" in capsys.readouterr().err
+
+
+def test_bench_lists_and_runs_the_scripts(capsys) -> None:
+    assert main(["bench"]) == 0
+    listed = capsys.readouterr().out
+    assert "step-overhead" in listed and "kernels" in listed
+    assert main(["bench", "no-such-benchmark"]) == 2
+    assert main(["bench", "step-overhead", "--help"]) == 0  # the script itself ran and parsed its arguments
+
+
 def test_serve_answers_and_stops_cleanly_on_ctrl_c(llama_dir: Path, tmp_path: Path) -> None:
     import os
     import shutil
@@ -46,7 +76,7 @@ def test_serve_answers_and_stops_cleanly_on_ctrl_c(llama_dir: Path, tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         # A Ray instance of its own, never the test session's (nor any other on this machine).
-        [rayinfer, "serve", "--model", str(llama_dir), "--port", str(port), "--served-model-name", "tiny", "--ray-address", "local"],
+        [rayinfer, "serve", str(TINY_SERVE_CONFIG), "--model", str(llama_dir), "--port", str(port), "--ray-address", "local"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -1,0 +1,78 @@
+"""configs/serve/*.yaml: valid Serve config files (as `serve run` reads them) whose engine args and autoscaling
+settings make sense, and the checks `rayinfer serve CONFIG.yaml` makes on files of its own."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="installed with the 'serve' extra")
+
+from rayinfer.cluster.serve_config import APP_BUILDER, load_serve_config  # noqa: E402
+from rayinfer.configs import EngineConfig  # noqa: E402
+
+SERVE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "serve").glob("*.yaml"))
+
+
+def test_there_are_configs_for_cpu_one_gpu_and_tensor_parallel() -> None:
+    names = {path.stem for path in SERVE_CONFIGS}
+    assert {"tiny", "llama3-8b", "llama3-70b"} <= names
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.stem)
+def test_serve_config_is_valid_and_scales(path: Path) -> None:
+    config = load_serve_config(path)
+    module, attribute = APP_BUILDER.split(":")
+    assert callable(getattr(importlib.import_module(module), attribute))  # what `serve run` imports
+    for app in config.apps:
+        engine_args = {k: v for k, v in app.args.items() if k != "served_model_name"}
+        engine_args["model"] = engine_args.get("model") or "tiny"
+        EngineConfig(**engine_args)
+        engine = app.deployment_options["EngineDeployment"]
+        scaling = engine["autoscaling_config"]
+        assert scaling["min_replicas"] < scaling["max_replicas"]
+        # A replica never holds more than max_ongoing_requests, so a target at or above it never scales out.
+        assert scaling["target_ongoing_requests"] < engine["max_ongoing_requests"]
+        assert engine["max_queued_requests"] > 0  # a full queue answers 503 instead of growing forever
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "serve.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_misspelt_key_names_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, "applications:\n  - name: a\n    import_path: " + APP_BUILDER + "\n    argz: {}\n")
+    with pytest.raises(ValueError, match="serve.yaml is not a valid Serve config file.*argz"):
+        load_serve_config(path)
+    deployment = "applications:\n  - name: a\n    import_path: " + APP_BUILDER + "\n    deployments:\n" \
+                 "      - name: EngineDeployment\n        autoscaling_confg: {max_replicas: 2}\n"
+    with pytest.raises(ValueError, match="autoscaling_confg in deployment 'EngineDeployment'"):
+        load_serve_config(_write(tmp_path, deployment))
+
+
+def test_other_applications_are_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path, "applications:\n  - name: a\n    import_path: my.module:app\n")
+    with pytest.raises(ValueError, match="my.module:app"):
+        load_serve_config(path)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        load_serve_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.stem)
+def test_serve_run_builds_the_application_from_the_file(path: Path) -> None:
+    """What `serve run FILE` does with `import_path` and `args`, short of deploying."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from rayinfer.cluster.serve_app import app_builder
+
+    args = dict(load_serve_config(path).apps[0].args)
+    args["model"] = args.get("model") or "tiny"
+    app = call_user_app_builder_with_args_if_necessary(app_builder, args)
+    assert isinstance(app, Application)

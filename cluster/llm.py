@@ -10,8 +10,9 @@ from tqdm.auto import tqdm
 
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.engine import Engine
-from rayinfer.scheduler.outputs import RequestOutput
-from rayinfer.scheduler.sampling_params import SamplingParams
+from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
+from rayinfer.scheduler.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from rayinfer.scheduler.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,93 @@ class LLM:
             # The template already holds any BOS token, so it is not added a second time.
             prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Beam search, as vLLM V1's `LLM.beam_search` runs it (see `rayinfer.cluster.beam_search`): one
+        `RequestOutput` per prompt, in input order, whose `outputs` are the `beam_width` best beams, best first by
+        `cumulative_logprob / generated_len ** length_penalty` (transformers' score), each with its text, token ids
+        (an EOS that ended it included), cumulative logprob, per-token logprobs (the candidates of its step) and
+        finish reason ("stop" at EOS, "length" at max_tokens).
+
+        Each step runs every live beam for one token as a request of its own (`max_tokens=1`,
+        `logprobs=2 * beam_width`; more with several EOS ids), so beam_width must leave that within the engine's
+        `max_logprobs`. The beams share their prompt and common prefix through the prefix cache: if this LLM was
+        made without `enable_prefix_caching`, it is switched on for the search and off (its cache emptied)
+        after, so a step only recomputes what lies past each beam's last full KV block.
+        """
+        from rayinfer.cluster.beam_search import beam_search, num_candidates
+
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        engine = self.engine
+        tokenizer = engine.tokenizer
+        normalised = [_normalise_prompt(prompt) for prompt in prompts]
+        if any(ids is None and not text for text, ids in normalised):
+            raise ValueError("prompt: must not be empty")
+        token_lists = [ids if ids is not None else tokenizer.encode(text) for text, ids in normalised]
+        eos = frozenset() if params.ignore_eos else engine.eos_token_ids
+        wanted = min(num_candidates(params.beam_width, len(eos)), engine.model_spec.vocab_size)
+        cap = engine.config.max_logprobs
+        if cap != -1 and wanted > cap:
+            raise ValueError(
+                f"beam_width: {params.beam_width} needs {wanted} candidate logprobs per beam and step, but this "
+                f"engine's max_logprobs is {cap}; lower beam_width or raise max_logprobs"
+            )
+        step_params = SamplingParams(temperature=params.temperature, max_tokens=1, logprobs=wanted, ignore_eos=True)
+
+        def step(inputs: list[list[int]]) -> list[PositionLogprobs]:
+            request_ids = self._add_all([{"prompt_token_ids": ids} for ids in inputs], [step_params] * len(inputs))
+            outputs = self._run(request_ids, use_tqdm=False)
+            for output in outputs:
+                if output.error:
+                    raise RuntimeError(f"beam search: an engine step failed: {output.error}")
+            return [output.outputs[0].logprobs[0] for output in outputs]
+
+        manager = engine.block_manager
+        switched_on = not manager.enable_prefix_caching
+        manager.enable_prefix_caching = True
+        bar = tqdm(total=params.max_tokens, desc="Beam search steps", disable=not use_tqdm)
+        try:
+            results = beam_search(
+                step, token_lists, params, engine.eos_token_ids, engine.max_model_len, on_step=lambda: bar.update(1)
+            )
+        finally:
+            bar.close()
+            if switched_on:
+                manager.enable_prefix_caching = False
+                manager.reset_prefix_cache()
+        outputs = []
+        for (text, _), prompt_ids, beams in zip(normalised, token_lists, results):
+            completions = []
+            for index, beam in enumerate(beams):
+                detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids)
+                for token_id in beam.token_ids:
+                    detokenizer.append(token_id)
+                completions.append(
+                    CompletionOutput(
+                        index=index,
+                        text=detokenizer.final_text(),
+                        token_ids=list(beam.token_ids),
+                        cumulative_logprob=beam.cumulative_logprob,
+                        logprobs=list(beam.logprobs),
+                        finish_reason=beam.finish_reason,
+                    )
+                )
+            outputs.append(
+                RequestOutput(
+                    request_id=str(next(self._request_ids)),
+                    prompt=text,
+                    prompt_token_ids=prompt_ids,
+                    outputs=completions,
+                    finished=True,
+                )
+            )
+        return outputs
 
     def _add_all(self, prompts: list[PromptType], params_list: list[SamplingParams]) -> list[str]:
         request_ids: list[str] = []

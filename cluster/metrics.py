@@ -160,6 +160,10 @@ class _SnapshotCollector(Collector):
         yield gauge("kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1).",
                     used_blocks / num_blocks if num_blocks else 0.0)
         yield counter("num_preemptions", "Sequences preempted to free KV cache blocks.", engine_sum("num_preemptions"))
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      engine_sum("prefix_cache_queries"))
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache (not recomputed).",
+                      engine_sum("prefix_cache_hits"))
         for key, doc in (("prompt_tokens", "Prompt tokens processed."), ("generation_tokens", "Tokens generated.")):
             yield counter(key, doc, sum(s["counters"].get(key, 0) for s in self.snapshots))
 

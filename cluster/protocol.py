@@ -2,7 +2,11 @@
 
 Requests ignore unknown fields (OpenAI clients send extras) but check types strictly (no "0.5" -> 0.5).
 Value ranges are checked once, by `SamplingParams`, when `to_sampling_params` is called; its failures come
-out as `InvalidRequestError` (a `ValueError`) whose `param` names the offending request field.
+out as `InvalidRequestError` (a `ValueError`) whose `param` names the offending request field. What the engine
+refuses when a request is added (`logprobs` over its `max_logprobs`, token ids outside the vocabulary) is renamed
+to the request's field by `engine_refusal`.
+
+`completion_logprobs` and `chat_logprobs` turn the engine's per-token logprobs into the two OpenAI formats.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
@@ -115,6 +120,9 @@ class _SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # OpenAI sends logit_bias keys as strings ("50256"); SamplingParams turns them into token ids.
+    logit_bias: Optional[dict[str, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
 
     @field_validator("stream_options")
     @classmethod
@@ -140,13 +148,29 @@ class _SamplingFields(_Request):
                 n=self.n, seed=self.seed, stop=self.stop, stop_token_ids=self.stop_token_ids,
                 ignore_eos=self.ignore_eos, max_tokens=max_tokens, min_tokens=self.min_tokens,
                 skip_special_tokens=self.skip_special_tokens,
-                include_stop_str_in_output=self.include_stop_str_in_output, **optional, **extra,
+                include_stop_str_in_output=self.include_stop_str_in_output, logit_bias=self.logit_bias,
+                allowed_token_ids=self.allowed_token_ids, **optional, **extra,
             )
         except ValueError as exc:
-            field = str(exc).split(" ", 1)[0]
+            field = str(exc).split(" ", 1)[0].split("[", 1)[0]  # "logit_bias[7] must be ..." -> logit_bias
             param = {"max_tokens": max_tokens_field, **renames}.get(field, field)
             message = str(exc) if param == field else f"{param}: {exc}"
             raise InvalidRequestError(message, param=param if param in type(self).model_fields else None) from exc
+
+    def _engine_renames(self) -> dict[str, str]:
+        """Engine field name -> this request's field, for `engine_refusal`."""
+        return {}
+
+    def engine_refusal(self, message: str) -> InvalidRequestError:
+        """The engine's add-time refusal ("field: why"), renamed to this request's field: e.g. a chat request's
+        `logprobs` over the engine's max_logprobs is its `top_logprobs`."""
+        field, sep, why = message.partition(": ")
+        if not sep or not _FIELD_SEGMENT.match(field):
+            return InvalidRequestError(message)
+        param = self._engine_renames().get(field, field)
+        if param not in type(self).model_fields:
+            return InvalidRequestError(message)
+        return InvalidRequestError(f"{param}: {why}", param=param)
 
     def _max_tokens(
         self, requested: Optional[int], field: str, default_max_tokens: int, explicit: bool, prompt_field: str
@@ -189,12 +213,26 @@ class CompletionRequest(_SamplingFields):
         return list(p)  # type: ignore[arg-type]
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        """Engine sampling settings; `default_max_tokens` is max_model_len - prompt_len."""
+        """Engine sampling settings; `default_max_tokens` is max_model_len - prompt_len.
+
+        With `echo` and `logprobs`, the prompt's logprobs are asked too (`prompt_logprobs`, as vLLM does).
+        """
+        if self.echo and self.max_tokens == 0:
+            raise InvalidRequestError(
+                "max_tokens: 0 with echo (return only the prompt) is not supported by this engine, which "
+                "generates at least one token; use max_tokens >= 1",
+                param="max_tokens",
+            )
         max_tokens = self._max_tokens(
             self.max_tokens, "max_tokens", default_max_tokens, explicit="max_tokens" in self.model_fields_set,
             prompt_field="prompt",
         )
-        return self._build(max_tokens, "max_tokens", {}, logprobs=self.logprobs, best_of=self.best_of)
+        prompt_logprobs = self.logprobs if self.echo else None
+        return self._build(max_tokens, "max_tokens", {"prompt_logprobs": "logprobs"}, logprobs=self.logprobs,
+                           prompt_logprobs=prompt_logprobs, best_of=self.best_of)
+
+    def _engine_renames(self) -> dict[str, str]:
+        return {"prompt_logprobs": "logprobs", "prompt_token_ids": "prompt"}
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -207,6 +245,18 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: Optional[int], info: ValidationInfo) -> Any:
+        # As OpenAI; 0 is harmless and accepted without logprobs, as vLLM does.
+        if value and info.data.get("logprobs") is False:
+            raise ValueError("top_logprobs can only be set when logprobs is true")
+        return value
+
+    @property
+    def _max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """Engine sampling settings; `max_completion_tokens` wins over the older `max_tokens`."""
         if self.max_completion_tokens is not None:
@@ -216,6 +266,10 @@ class ChatCompletionRequest(_SamplingFields):
         max_tokens = self._max_tokens(requested, field, default_max_tokens, explicit=True, prompt_field="messages")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._build(max_tokens, field, {"logprobs": "top_logprobs"}, logprobs=logprobs)
+
+    def _engine_renames(self) -> dict[str, str]:
+        return {"logprobs": "top_logprobs", "prompt": "messages", "prompt_token_ids": "messages",
+                "max_tokens": self._max_tokens_field}
 
 
 class TokenizeRequest(_Request):
@@ -270,10 +324,20 @@ class UsageInfo(_Response):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
+class CompletionLogProbs(_Response):
+    """The legacy completions `logprobs`: per token its text, logprob, alternatives (text -> logprob) and
+    character offset; null entries for a token nothing predicts (the first prompt token, with echo)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogProbs] = None
     finish_reason: Optional[str] = None
 
 
@@ -302,10 +366,26 @@ class ChatResponseMessage(_Response):
     content: str
 
 
+class ChatCompletionLogProb(_Response):
+    token: str
+    logprob: float = -9999.0
+    bytes: Optional[list[int]] = None
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(_Response):
+    """A chat choice's `logprobs`: one entry per generated token, each with its `top_logprobs` alternatives."""
+
+    content: Optional[list[ChatCompletionLogProbsContent]] = None
+
+
 class ChatCompletionChoice(_Response):
     index: int
     message: ChatResponseMessage
-    logprobs: None = None
+    logprobs: Optional[ChatCompletionLogProbs] = None
     finish_reason: Optional[str] = None
 
 
@@ -332,7 +412,7 @@ class DeltaMessage(_Response):
 class ChatCompletionStreamChoice(_Response):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: Optional[ChatCompletionLogProbs] = None
     finish_reason: Optional[str] = None
 
 
@@ -370,6 +450,104 @@ class TokenizeResponse(_Response):
 
 class DetokenizeResponse(_Response):
     prompt: str
+
+
+# ---------------------------------------------------------------------------------------------- logprobs
+
+# JSON has no -inf: OpenAI (and vLLM) send this floor for a token the model rules out.
+LOGPROB_FLOOR = -9999.0
+
+# One position's candidates as the engine gives them: token id -> an object with `logprob`, `rank` (1-based,
+# by raw logit) and `decoded_token` (`rayinfer.scheduler.outputs.Logprob`); the scored token comes first.
+PositionLogprobs = Mapping[int, Any]
+
+
+def _json_logprob(value: float) -> float:
+    return max(float(value), LOGPROB_FLOOR)
+
+
+def _token_text(token_id: int, logprob: Any, decode: Callable[[int], str]) -> str:
+    text = getattr(logprob, "decoded_token", None)
+    return text if text is not None else decode(token_id)
+
+
+def _position(positions: Optional[Sequence[Optional[PositionLogprobs]]], i: int) -> Optional[PositionLogprobs]:
+    return positions[i] if positions is not None and i < len(positions) else None
+
+
+def completion_logprobs(
+    token_ids: Sequence[int],
+    positions: Optional[Sequence[Optional[PositionLogprobs]]],
+    num_top: int,
+    decode: Callable[[int], str],
+    initial_offset: int = 0,
+) -> CompletionLogProbs:
+    """The legacy completions `logprobs` object for `token_ids`, as vLLM builds it.
+
+    `positions[i]` holds token i's candidates (None where nothing predicts it: its entries are null).
+    `top_logprobs[i]` maps text to logprob for the token itself and the `num_top` most likely ones (so
+    `num_top` or `num_top + 1` entries); `text_offset` starts at `initial_offset` and adds each token's text
+    length, so a stream's chunks continue one another. `decode(id)` names a token the engine gave no text for.
+    """
+    out = CompletionLogProbs()
+    offset = initial_offset
+    for i, token_id in enumerate(token_ids):
+        position = _position(positions, i)
+        scored = position.get(token_id) if position is not None else None
+        token = _token_text(token_id, scored, decode)
+        out.tokens.append(token)
+        out.text_offset.append(offset)
+        offset += len(token)
+        if scored is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
+        out.token_logprobs.append(_json_logprob(scored.logprob))
+        top: dict[str, float] = {}
+        for candidate_id, candidate in position.items():
+            rank = getattr(candidate, "rank", None)
+            if candidate_id == token_id or rank is None or rank <= num_top:
+                top.setdefault(_token_text(candidate_id, candidate, decode), _json_logprob(candidate.logprob))
+        out.top_logprobs.append(top)
+    return out
+
+
+def next_text_offset(logprobs: CompletionLogProbs, initial_offset: int) -> int:
+    """Where the next stream chunk's `text_offset` starts after `logprobs`."""
+    return initial_offset + sum(len(token) for token in logprobs.tokens)
+
+
+def _token_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(
+    token_ids: Sequence[int],
+    positions: Optional[Sequence[Optional[PositionLogprobs]]],
+    top_logprobs: int,
+    decode: Callable[[int], str],
+) -> ChatCompletionLogProbs:
+    """A chat choice's `logprobs` for `token_ids`: each token's text, logprob and UTF-8 bytes, and its
+    `top_logprobs` list of the `top_logprobs` most likely tokens, by rank (as OpenAI: exactly that many)."""
+    content = []
+    for i, token_id in enumerate(token_ids):
+        position = _position(positions, i)
+        scored = position.get(token_id) if position is not None else None
+        token = _token_text(token_id, scored, decode)
+        if scored is None:
+            content.append(ChatCompletionLogProbsContent(token=token, bytes=_token_bytes(token)))
+            continue
+        candidates = list(position.items())
+        if all(getattr(c, "rank", None) is not None for _, c in candidates):
+            candidates.sort(key=lambda item: item[1].rank)
+        top = []
+        for candidate_id, candidate in candidates[: max(top_logprobs, 0)]:
+            text = _token_text(candidate_id, candidate, decode)
+            top.append(ChatCompletionLogProb(token=text, logprob=_json_logprob(candidate.logprob),
+                                             bytes=_token_bytes(text)))
+        content.append(ChatCompletionLogProbsContent(
+            token=token, logprob=_json_logprob(scored.logprob), bytes=_token_bytes(token), top_logprobs=top))
+    return ChatCompletionLogProbs(content=content)
 
 
 def sse_event(chunk: BaseModel) -> str:
@@ -429,10 +607,12 @@ def validation_error_body(exc: ValidationError) -> dict:
 
 
 __all__ = [
-    "ChatCompletionChoice", "ChatCompletionRequest", "ChatCompletionResponse", "ChatCompletionStreamChoice",
-    "ChatCompletionStreamResponse", "ChatMessage", "ChatResponseMessage", "CompletionChoice", "CompletionRequest",
-    "CompletionResponse", "CompletionStreamResponse", "DeltaMessage", "DetokenizeRequest", "DetokenizeResponse",
-    "ErrorInfo", "ErrorResponse", "InvalidRequestError", "ModelCard", "ModelList", "SSE_DONE", "StreamOptions",
-    "TextContentPart", "TokenizeRequest", "TokenizeResponse", "UsageInfo", "error_body", "random_id", "sse_event",
+    "ChatCompletionChoice", "ChatCompletionLogProb", "ChatCompletionLogProbs", "ChatCompletionLogProbsContent",
+    "ChatCompletionRequest", "ChatCompletionResponse", "ChatCompletionStreamChoice",
+    "ChatCompletionStreamResponse", "ChatMessage", "ChatResponseMessage", "CompletionChoice", "CompletionLogProbs",
+    "CompletionRequest", "CompletionResponse", "CompletionStreamResponse", "DeltaMessage", "DetokenizeRequest",
+    "DetokenizeResponse", "ErrorInfo", "ErrorResponse", "InvalidRequestError", "LOGPROB_FLOOR", "ModelCard",
+    "ModelList", "SSE_DONE", "StreamOptions", "TextContentPart", "TokenizeRequest", "TokenizeResponse", "UsageInfo",
+    "chat_logprobs", "completion_logprobs", "error_body", "next_text_offset", "random_id", "sse_event",
     "validation_error_body",
 ]

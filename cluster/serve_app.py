@@ -261,10 +261,13 @@ class Ingress:
         failure = next((first for first in firsts if isinstance(first, BaseException)), None)
         if failure is not None:
             _cancel(streams)
+            if isinstance(failure, ValueError):  # refused at add time: name the request's own field
+                refusal = body.engine_refusal(str(getattr(failure, "cause", None) or failure))
+                return _error(400, str(refusal), param=refusal.param)
             return _engine_error(failure)
         if body.stream:
             return StreamingResponse(
-                self._sse(body, request_ids[0], firsts, streams, params, [len(ids) for _, ids in prompts], chat),
+                self._sse(body, request_ids[0], firsts, streams, params, prompts, chat),
                 media_type="text/event-stream",
             )
         try:
@@ -272,36 +275,81 @@ class Ingress:
         except Exception as exc:
             _cancel(streams)
             return _engine_error(exc)
-        return self._full_response(body, request_ids[0], outputs, params, chat)
+        return self._full_response(body, request_ids[0], outputs, params, chat, prompts)
 
-    def _full_response(self, body: Any, response_id: str, outputs: list[list[RequestOutput]], params, chat: bool):
+    # ------------------------------------------------------------------ response building
+    def _decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _completion_choice(
+        self, body: p.CompletionRequest, index: int, text: str, token_ids: list[int], logprobs, finish_reason,
+        echo: tuple[str | None, list[int], list | None] | None = None, text_offset: int = 0,
+    ) -> tuple[p.CompletionChoice, int]:
+        """A completions choice (or stream chunk choice) and where the next chunk's `text_offset` starts.
+
+        `echo` is (prompt text or None for token ids, prompt ids, prompt logprobs): the prompt goes first, its
+        first token's logprobs null as nothing predicts it.
+        """
+        if echo is not None:
+            prompt_text, prompt_ids, prompt_logprobs = echo
+            if prompt_text is None:
+                prompt_text = self.tokenizer.decode(prompt_ids)
+            prompt_logprobs = list(prompt_logprobs) if prompt_logprobs is not None else [None] * len(prompt_ids)
+            text = prompt_text + text
+            token_ids = [*prompt_ids, *token_ids]
+            logprobs = prompt_logprobs + list(logprobs or [])
+        data = None
+        if body.logprobs is not None:
+            data = p.completion_logprobs(token_ids, logprobs, body.logprobs, self._decode_token, text_offset)
+            text_offset = p.next_text_offset(data, text_offset)
+        return p.CompletionChoice(index=index, text=text, logprobs=data, finish_reason=finish_reason), text_offset
+
+    def _chat_logprobs(self, body: p.ChatCompletionRequest, token_ids: list[int], logprobs):
+        if not body.logprobs:
+            return None
+        return p.chat_logprobs(token_ids, logprobs, body.top_logprobs or 0, self._decode_token)
+
+    def _full_response(
+        self, body: Any, response_id: str, outputs: list[list[RequestOutput]], params, chat: bool, prompts
+    ):
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for prompt_index, deltas in enumerate(outputs):
             n = params[prompt_index].n
-            texts, finish, counts = [""] * n, [None] * n, [0] * n
+            texts, finish = [""] * n, [None] * n
+            token_ids: list[list[int]] = [[] for _ in range(n)]
+            logprobs: list[list] = [[] for _ in range(n)]
+            prompt_logprobs = None
             for delta in deltas:
                 if delta.error:
                     return _error(500, f"the engine failed this request: {delta.error}", type_="internal_error")
+                if delta.prompt_logprobs is not None:
+                    prompt_logprobs = delta.prompt_logprobs
                 for c in delta.outputs:
                     texts[c.index] += c.text
-                    counts[c.index] += len(c.token_ids)
+                    token_ids[c.index] += c.token_ids
+                    logprobs[c.index] += c.logprobs or []
                     finish[c.index] = c.finish_reason or finish[c.index]
             prompt_tokens += len(deltas[0].prompt_token_ids) if deltas else 0
-            completion_tokens += sum(counts)
+            completion_tokens += sum(len(ids) for ids in token_ids)
             for i in range(n):
                 index = prompt_index * n + i
                 if chat:
                     message = p.ChatResponseMessage(content=texts[i])
-                    choices.append(p.ChatCompletionChoice(index=index, message=message, finish_reason=finish[i]))
+                    choices.append(p.ChatCompletionChoice(
+                        index=index, message=message, logprobs=self._chat_logprobs(body, token_ids[i], logprobs[i]),
+                        finish_reason=finish[i]))
                 else:
-                    choices.append(p.CompletionChoice(index=index, text=texts[i], finish_reason=finish[i]))
+                    echo = (*prompts[prompt_index], prompt_logprobs) if body.echo else None
+                    choice, _ = self._completion_choice(
+                        body, index, texts[i], token_ids[i], logprobs[i], finish[i], echo=echo)
+                    choices.append(choice)
         usage = p.UsageInfo.of(prompt_tokens, completion_tokens)
         model = self.model_name
         if chat:
             return p.ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
         return p.CompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
 
-    async def _sse(self, body, response_id, firsts, streams, params, prompt_lens, chat: bool) -> AsyncIterator[str]:
+    async def _sse(self, body, response_id, firsts, streams, params, prompts, chat: bool) -> AsyncIterator[str]:
         """Merges the prompts' delta streams into one event stream, each event sent the moment it exists."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -319,6 +367,8 @@ class Ingress:
         model, created = self.model_name, p._now()
         chunk_cls = p.ChatCompletionStreamResponse if chat else p.CompletionStreamResponse
         completion_tokens, open_streams, started = 0, len(streams), set()
+        prompt_logprobs: dict[int, list] = {}  # by prompt: the engine sends them once, in its first delta
+        text_offsets: dict[int, int] = {}  # by choice: where its next chunk's logprobs text_offset starts
         try:
             while open_streams:
                 prompt_index, item = await queue.get()
@@ -328,24 +378,33 @@ class Ingress:
                 if isinstance(item, Exception):
                     yield _error_event(_engine_error(item))
                     continue
+                if item.prompt_logprobs is not None:
+                    prompt_logprobs[prompt_index] = item.prompt_logprobs
                 choices = []
                 for c in item.outputs:
                     index = prompt_index * params[prompt_index].n + c.index
                     completion_tokens += len(c.token_ids)
+                    first = index not in started
+                    started.add(index)
                     if chat:
-                        delta = p.DeltaMessage(content=c.text)
-                        if index not in started:
-                            started.add(index)
-                            delta = p.DeltaMessage(role="assistant", content=c.text)
-                        choices.append(p.ChatCompletionStreamChoice(index=index, delta=delta, finish_reason=c.finish_reason))
+                        delta = p.DeltaMessage(role="assistant" if first else None, content=c.text)
+                        choices.append(p.ChatCompletionStreamChoice(
+                            index=index, delta=delta, logprobs=self._chat_logprobs(body, c.token_ids, c.logprobs),
+                            finish_reason=c.finish_reason))
                     else:
-                        choices.append(p.CompletionChoice(index=index, text=c.text, finish_reason=c.finish_reason))
+                        echo = None
+                        if body.echo and first:  # the prompt goes before the choice's first chunk
+                            echo = (*prompts[prompt_index], prompt_logprobs.get(prompt_index))
+                        choice, text_offsets[index] = self._completion_choice(
+                            body, index, c.text, c.token_ids, c.logprobs, c.finish_reason, echo=echo,
+                            text_offset=text_offsets.get(index, 0))
+                        choices.append(choice)
                 if choices:
                     yield p.sse_event(chunk_cls(id=response_id, created=created, model=model, choices=choices))
                 if item.error:
                     yield _error_event(_error(500, f"the engine failed this request: {item.error}", "internal_error"))
             if body.include_usage:
-                usage = p.UsageInfo.of(sum(prompt_lens), completion_tokens)
+                usage = p.UsageInfo.of(sum(len(ids) for _, ids in prompts), completion_tokens)
                 yield p.sse_event(chunk_cls(id=response_id, created=created, model=model, choices=[], usage=usage))
             yield p.SSE_DONE
         finally:

@@ -1,6 +1,7 @@
 """The engine loop: admit requests, schedule a step, run it on the executor, turn tokens into outputs."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import random
@@ -13,10 +14,12 @@ from rayinfer.scheduler.block_manager import BlockManager, blocks_for
 from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
 from rayinfer.scheduler.executor_interface import Executor, WorkerGroupFailure
 from rayinfer.scheduler.output_processor import OutputProcessor
+from rayinfer.scheduler.logprob_recorder import LogprobRecorder
 from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from rayinfer.scheduler.sequence import Request, Sequence
+from rayinfer.scheduler.step_output import StepOutput
 from rayinfer.scheduler.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,15 @@ _SEED_MASK = (1 << 63) - 1
 def _sequence_seed(request_seed: int, index: int) -> int:
     """Sequence 0 keeps the request's seed (so n=1 and the first of n agree); the others get distinct streams."""
     return request_seed if index == 0 else (request_seed * 0x9E3779B1 + index * 0x85EBCA77) & _SEED_MASK
+
+
+def _worker_params(params: SamplingParams) -> SamplingParams:
+    """The params the sampling worker gets: a best_of request needs every drawn token's logprob (to rank its
+    sequences by cumulative logprob) even when the user asked for none, so it asks for logprobs=0 internally.
+    What the user sees is still decided by `params` (see `Engine._request_output`)."""
+    if params.num_sequences > params.n and params.logprobs is None:
+        return dataclasses.replace(params, logprobs=0)
+    return params
 
 
 class Engine:
@@ -54,7 +66,9 @@ class Engine:
         self.executor = executor_factory(
             config, self.model_spec, self.max_model_len, self.max_num_batched_tokens, self.engine_id
         )
-        self.block_manager = BlockManager(self.executor.num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            self.executor.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
+        )
         pool_tokens = self.executor.num_blocks * config.block_size
         if pool_tokens < self.max_model_len:
             logger.warning(
@@ -80,6 +94,7 @@ class Engine:
         self._seed_rng = random.Random(config.seed)
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
+        self.logprob_recorder = LogprobRecorder(self.tokenizer)
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -100,6 +115,14 @@ class Engine:
             prompt_token_ids = self.tokenizer.encode(prompt)
         prompt_token_ids = list(prompt_token_ids)
         self._validate_prompt(prompt_token_ids)
+        self._validate_sampling(params)
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n: {params.n} sequences cannot run together with max_num_seqs={self.config.max_num_seqs}")
+        if params.num_sequences > self.config.max_num_seqs:
+            raise ValueError(
+                f"best_of: {params.num_sequences} sequences cannot run together with "
+                f"max_num_seqs={self.config.max_num_seqs}"
+            )
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         self._validate_fits_pool(len(prompt_token_ids), max_tokens)
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
@@ -112,9 +135,10 @@ class Engine:
             max_tokens=max_tokens,
             stop_token_ids=eos | frozenset(params.stop_token_ids),
             eos_token_ids=eos,
+            sample_params=_worker_params(params),
         )
         request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        for index in range(params.n):
+        for index in range(params.num_sequences):
             seq = Sequence(
                 seq_id=next(self._seq_ids),
                 request=request,
@@ -130,7 +154,14 @@ class Engine:
                 ),
             )
             request.seqs.append(seq)
-            self.scheduler.add(seq)
+        # The siblings of a multi-sequence request fork from its first sequence once that has computed the
+        # prompt (all but its last token), sharing its blocks; a one-token prompt has nothing to share.
+        self.scheduler.add(request.seqs[0])
+        for seq in request.seqs[1:]:
+            if len(prompt_token_ids) > 1:
+                request.forks_pending.append(seq)
+            else:
+                self.scheduler.add(seq)
         self.requests[request_id] = request
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
@@ -145,6 +176,18 @@ class Engine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab}) for this model (got {bad[:5]})")
+
+    def _validate_sampling(self, params: SamplingParams) -> None:
+        cap = self.config.max_logprobs
+        for name in ("logprobs", "prompt_logprobs"):
+            requested = getattr(params, name)
+            if requested is not None and cap != -1 and requested > cap:
+                raise ValueError(f"{name}: {requested} requested, but this engine's max_logprobs is {cap}")
+        vocab = self.model_spec.vocab_size
+        for name, token_ids in params.token_ids_to_check().items():
+            bad = [t for t in token_ids if t >= vocab]
+            if bad:
+                raise ValueError(f"{name}: token ids must be in [0, {vocab}) for this model (got {bad[:5]})")
 
     def _validate_fits_pool(self, prompt_len: int, max_tokens: int) -> None:
         worst_case = min(prompt_len + max_tokens, self.max_model_len)
@@ -191,12 +234,12 @@ class Engine:
         following = self._launch() if self.executor.pipelined else None
         plan, handle = self._in_flight
         try:
-            tokens = self.executor.result(handle)
+            result = self.executor.result(handle)
         except WorkerGroupFailure as exc:
             self._in_flight = None  # a step launched after a lost one is lost with it
             return self._recover(exc)
         self._in_flight = following
-        outputs = self._process_tokens(plan, tokens)
+        outputs = self._process_tokens(plan, result)
         if following is not None and all(s.seq.is_finished for s in following[0].scheduled):
             self._discard_in_flight()  # everything it computes has ended: wait for it now, not next step
         if self._in_flight is None and not self.scheduler.has_work() and self._forget:
@@ -221,7 +264,13 @@ class Engine:
         for seq in plan.preempted:
             if seq.seq_id in self._sent_blocks:
                 self._sent_blocks[seq.seq_id] = 0  # its blocks are gone: the table starts over
+        copies, self.block_manager.copies = self.block_manager.copies, []
+        for copy in copies:
+            if copy.seq.seq_id in self._sent_blocks:
+                self._sent_blocks[copy.seq.seq_id] = 0  # a block mid-table changed: resend the table
         step_plan = self._step_plan(plan)
+        self.logprob_recorder.ask_for_prompt_logprobs(plan, step_plan)
+        step_plan.block_copies = [(copy.src, copy.dst) for copy in copies]
         for scheduled in plan.scheduled:
             scheduled.seq.num_computed_tokens += scheduled.num_new_tokens
             if scheduled.samples:
@@ -232,7 +281,14 @@ class Engine:
             handle = exc  # reported when the step's result is asked for
         return plan, handle
 
-    def _process_tokens(self, plan: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
+    def _process_tokens(self, plan: SchedulerOutput, result: StepOutput | list[int]) -> list[RequestOutput]:
+        """Appends each drawn token (with its logprobs, when asked) to its sequence; a bare list is tokens only."""
+        if isinstance(result, StepOutput):
+            tokens, sample_logprobs = result.token_ids, result.logprobs
+            if result.prompt_logprobs:
+                self.logprob_recorder.record_prompt(plan, result.prompt_logprobs)
+        else:
+            tokens, sample_logprobs = result, None
         touched: dict[str, Request] = {}
         sampled = (s.seq for s in plan.scheduled if s.samples)
         for seq, token_id in zip(sampled, tokens, strict=True):
@@ -241,6 +297,8 @@ class Engine:
             request = seq.request
             touched[request.request_id] = request
             try:
+                if sample_logprobs is not None and seq.seq_id in sample_logprobs:
+                    self.logprob_recorder.record(seq, sample_logprobs[seq.seq_id])
                 if self.output_processor.append(seq, token_id):
                     self._release(seq)
             except Exception as exc:  # one request's failure must not take the others down
@@ -286,7 +344,7 @@ class Engine:
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         request = seq.request
         return SampleRequest(
-            params=request.params,
+            params=request.sample_params or request.params,
             seed=seq.seed,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(seq.output_token_ids),  # the sampling worker extends its own copy
@@ -304,7 +362,10 @@ class Engine:
         logger.error("worker group failed (%s); replacing it", failure)
         self._sent_blocks.clear()
         self._forget = []
+        for request in self.requests.values():
+            request.prompt_logprobs_asked = request.num_prompt_logprobs  # the lost steps' share is asked again
         self.scheduler.preempt_all()
+        self.block_manager.reset_prefix_cache()  # the new workers' pools hold none of it
         try:
             self.executor.restart()
             self.failure = None
@@ -328,15 +389,23 @@ class Engine:
                 self._release(seq)
 
     def _request_output(self, request: Request) -> RequestOutput:
+        """The request's outputs; a best_of request shows its n sequences of highest cumulative logprob (so far,
+        until it finishes), best first and numbered 0..n-1, as vLLM does."""
+        wants_logprobs = request.params.logprobs is not None
+        seqs = request.seqs
+        if len(seqs) > request.params.n:
+            seqs = sorted(seqs, key=lambda seq: -seq.cumulative_logprob)[: request.params.n]  # stable: ties by index
         outputs = [
             CompletionOutput(
-                index=seq.index,
+                index=index,
                 text=seq.output_text,
                 token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
+                logprobs=list(seq.logprobs or ()) if wants_logprobs else None,
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
             )
-            for seq in request.seqs
+            for index, seq in enumerate(seqs)
         ]
         return RequestOutput(
             request_id=request.request_id,
@@ -345,6 +414,7 @@ class Engine:
             outputs=outputs,
             finished=request.is_finished,
             error=request.error,
+            prompt_logprobs=self.logprob_recorder.prompt_output(request),
         )
 
     def shutdown(self) -> None:
@@ -358,4 +428,6 @@ class Engine:
             "num_blocks": self.block_manager.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_aborted_requests": self.num_aborted_requests,
+            "prefix_cache_queries": self.block_manager.num_prefix_queries,
+            "prefix_cache_hits": self.block_manager.num_prefix_hits,
         }

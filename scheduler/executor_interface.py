@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from rayinfer.scheduler.step_output import StepOutput
 from rayinfer.scheduler.step_plan import StepPlan
 
 
@@ -18,8 +19,9 @@ class Executor(ABC):
     pipelined: bool = False
 
     @abstractmethod
-    def execute(self, plan: StepPlan) -> list[int]:
-        """Runs one step; returns the token drawn for each chunk that samples, in plan order.
+    def execute(self, plan: StepPlan) -> StepOutput | list[int]:
+        """Runs one step; returns the token drawn for each chunk that samples, in plan order, with the logprobs
+        asked for (a bare list of tokens is accepted too: no logprobs).
 
         Raises WorkerGroupFailure when a worker is lost; the workers' per-sequence state is then gone.
         """
@@ -31,7 +33,7 @@ class Executor(ABC):
         except WorkerGroupFailure as exc:
             return exc
 
-    def result(self, handle: object) -> list[int]:
+    def result(self, handle: object) -> StepOutput | list[int]:
         if isinstance(handle, WorkerGroupFailure):
             raise handle
         return handle  # type: ignore[return-value]

@@ -1,4 +1,6 @@
-"""Turns a request's cumulative outputs into the deltas a stream sends: new tokens and new text only."""
+"""Turns a request's cumulative outputs into the deltas a stream sends: new tokens (with their logprobs) and new
+text only; prompt logprobs once, in the first delta that has them. A best_of request streams only its final
+output."""
 from __future__ import annotations
 
 from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
@@ -15,12 +17,18 @@ class DeltaTracker:
 
     def __init__(self, params: SamplingParams) -> None:
         self.holdback = stop_holdback(params.stop)
+        # A best_of request's outputs are the n best of its sequences, known only once all have ended: like
+        # vLLM, its stream sends nothing until then, then everything in one delta.
+        self.final_only = params.num_sequences > params.n
         self._sent_tokens: dict[int, int] = {}
         self._sent_chars: dict[int, int] = {}
         self._finished: set[int] = set()
+        self._sent_prompt_logprobs = False
 
     def delta(self, output: RequestOutput) -> RequestOutput | None:
         """The part of `output` not sent yet, or None when there is nothing new."""
+        if self.final_only and not output.finished:
+            return None
         deltas = []
         for completion in output.outputs:
             index = completion.index
@@ -32,6 +40,7 @@ class DeltaTracker:
             visible = len(completion.text) if done else max(sent_chars, len(completion.text) - self.holdback)
             new_text = completion.text[sent_chars:visible]
             new_tokens = completion.token_ids[sent_tokens:]
+            new_logprobs = completion.logprobs[sent_tokens:] if completion.logprobs is not None else None
             if not new_text and not new_tokens and not done:
                 continue
             self._sent_tokens[index] = len(completion.token_ids)
@@ -43,12 +52,18 @@ class DeltaTracker:
                     index=index,
                     text=new_text,
                     token_ids=new_tokens,
+                    cumulative_logprob=completion.cumulative_logprob,
+                    logprobs=new_logprobs,
                     finish_reason=completion.finish_reason,
                     stop_reason=completion.stop_reason,
                 )
             )
-        if not deltas and not output.finished:
+        prompt_logprobs = None
+        if output.prompt_logprobs is not None and not self._sent_prompt_logprobs:
+            prompt_logprobs = output.prompt_logprobs
+        if not deltas and not output.finished and prompt_logprobs is None:
             return None
+        self._sent_prompt_logprobs |= prompt_logprobs is not None
         return RequestOutput(
             request_id=output.request_id,
             prompt=output.prompt,
@@ -56,4 +71,5 @@ class DeltaTracker:
             outputs=deltas,
             finished=output.finished,
             error=output.error,
+            prompt_logprobs=prompt_logprobs,
         )

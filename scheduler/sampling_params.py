@@ -12,6 +12,8 @@ from typing import Any
 
 # Temperatures below this are treated as greedy decoding (argmax).
 GREEDY_TEMPERATURE_EPS = 1e-5
+# logit_bias values are clamped to [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT], the range OpenAI's API documents.
+LOGIT_BIAS_LIMIT = 100.0
 
 
 def _check_int(name: str, value: Any, minimum: int | None = None, allow_none: bool = False) -> None:
@@ -31,7 +33,23 @@ def _check_float(name: str, value: Any) -> float:
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling settings; `stop`, `stop_token_ids` and `top_k` are normalised on creation."""
+    """Per-request sampling settings; `stop`, `stop_token_ids`, `top_k` and `logit_bias` are normalised on creation.
+
+    `logprobs=k` returns, for each generated token, the top k candidates plus the drawn token (k or k + 1
+    entries); `prompt_logprobs=k` the same for each prompt token after the first. As in vLLM, these are the
+    log_softmax of the model's raw logits: before `logit_bias`, `allowed_token_ids`, penalties, temperature and
+    top-k/top-p/min-p, so they do not depend on how the token was drawn. Both are capped by the engine's
+    `max_logprobs`.
+
+    `best_of=m` (>= n) runs m sequences and returns the n with the highest cumulative logprob, best first (vLLM
+    v0); it needs sampling (it is refused with temperature 0 when m > n), and a stream of such a request sends
+    only its final output, since which sequences are best is only known at the end.
+
+    `logit_bias` maps token ids to a bias added to their logits (OpenAI semantics); values are clamped to
+    [-100, 100] as OpenAI's API documents (and vLLM's server does). `allowed_token_ids` restricts the draw to
+    those ids (all others are masked out). Both apply before the penalties and temperature, in every row,
+    greedy included. Token ids are checked against the model's vocabulary when the request is added.
+    """
 
     n: int = 1
     best_of: int | None = None
@@ -53,6 +71,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1)
@@ -71,6 +91,13 @@ class SamplingParams:
         self.temperature = _check_float("temperature", self.temperature)
         if not 0.0 <= self.temperature < math.inf:
             raise ValueError(f"temperature must be >= 0 and finite (got {self.temperature})")
+        if self.best_of is not None and self.best_of > self.n and self.is_greedy:
+            # vLLM refuses best_of > 1 with greedy sampling; here n > 1 greedy is allowed, so only the extra draws
+            # (which would all be the same greedy sequence) are refused.
+            raise ValueError(
+                f"best_of must equal n (or be unset) when using greedy sampling (temperature=0): every sequence "
+                f"would be the same (got best_of={self.best_of}, n={self.n})"
+            )
         self.top_p = _check_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
@@ -95,6 +122,8 @@ class SamplingParams:
             )
         _check_int("logprobs", self.logprobs, minimum=0, allow_none=True)
         _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0, allow_none=True)
+        self.logit_bias = self._normalise_logit_bias(self.logit_bias)
+        self.allowed_token_ids = self._normalise_allowed_token_ids(self.allowed_token_ids)
 
     @staticmethod
     def _normalise_stop(stop: Any) -> list[str]:
@@ -118,6 +147,51 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be a list of non-negative integers (got {token_id!r})")
         return list(ids)
 
+    @staticmethod
+    def _normalise_logit_bias(bias: Any) -> dict[int, float] | None:
+        """Token id -> bias, ids as ints (JSON's string keys such as "42" are accepted), biases in [-100, 100]."""
+        if bias is None:
+            return None
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id to bias (got {type(bias).__name__})")
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            token_id = key
+            if isinstance(key, str) and key.strip().isdigit():
+                token_id = int(key)
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids (got {key!r})")
+            value = _check_float(f"logit_bias[{token_id}]", value)
+            out[token_id] = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, value))
+        return out
+
+    @staticmethod
+    def _normalise_allowed_token_ids(ids: Any) -> list[int] | None:
+        if ids is None:
+            return None
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
+            raise ValueError(f"allowed_token_ids must be a list of non-negative integers (got {ids!r})")
+        if not ids:
+            raise ValueError("allowed_token_ids must not be empty (leave it unset to allow every token)")
+        for token_id in ids:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+                raise ValueError(f"allowed_token_ids must be a list of non-negative integers (got {token_id!r})")
+        return list(ids)
+
+    def token_ids_to_check(self) -> dict[str, list[int]]:
+        """The token ids this request names, by field, for the engine to check against the vocabulary."""
+        named: dict[str, list[int]] = {}
+        if self.logit_bias:
+            named["logit_bias"] = list(self.logit_bias)
+        if self.allowed_token_ids:
+            named["allowed_token_ids"] = self.allowed_token_ids
+        return named
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences a request runs: best_of when set (the n of highest cumulative logprob are returned), else n."""
+        return self.best_of if self.best_of is not None else self.n
+
     @property
     def is_greedy(self) -> bool:
         """True when tokens are picked by argmax instead of drawn."""
@@ -126,7 +200,11 @@ class SamplingParams:
 
 @dataclass
 class BeamSearchParams:
-    """Beam search settings (validated here; the search itself lives in the engine)."""
+    """Beam search settings for `LLM.beam_search` (the search is in `rayinfer.cluster.beam_search`).
+
+    `length_penalty` ranks the final beams by `cumulative_logprob / generated_len ** length_penalty`, as
+    transformers does. `temperature` only picks the token each step draws, which joins that beam's candidates
+    (vLLM V1); candidates are ranked by raw logprobs, so 0 (the default) is plain beam search."""
 
     beam_width: int
     max_tokens: int

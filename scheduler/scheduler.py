@@ -69,6 +69,9 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.limits.max_num_batched_tokens
+        for seq in list(self.running):
+            if seq.request.forks_pending and seq.num_computed_tokens == seq.num_prompt_tokens - 1:
+                self._fork(seq)
         decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
         for seq in decoding + prefilling:
@@ -76,14 +79,34 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop to make room
-            num_new = min(seq.num_uncomputed_tokens, budget)
+            num_new = min(self._tokens_to_compute(seq), budget)
             if self._make_room(seq, num_new, out):
                 self.block_manager.allocate(seq, num_new)
+                self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
                 out.scheduled.append(ScheduledSequence.of(seq, num_new))
                 budget -= num_new
         if not out.preempted:
             self._admit_waiting(out, budget)
         return out
+
+    @staticmethod
+    def _tokens_to_compute(seq: Sequence) -> int:
+        """A request's first sequence stops one token short of its prompt's end until its siblings fork from it."""
+        if seq.request.forks_pending:
+            return seq.num_prompt_tokens - 1 - seq.num_computed_tokens
+        return seq.num_uncomputed_tokens
+
+    def _fork(self, seq: Sequence) -> None:
+        """Starts the request's other sequences on `seq`'s blocks; each computes the prompt's last token itself,
+        copying the shared last block first if it is only partly filled."""
+        position = self.running.index(seq) + 1
+        for sibling in seq.request.forks_pending:
+            self.block_manager.share(seq, sibling)
+            sibling.num_computed_tokens = seq.num_computed_tokens
+            sibling.status = SequenceStatus.RUNNING
+            self.running.insert(position, sibling)
+            position += 1
+        seq.request.forks_pending = []
 
     def _make_room(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """Preempts the newest running sequences until `seq` fits; False if `seq` itself had to go."""
@@ -122,24 +145,42 @@ class Scheduler:
         logger.debug("preempted sequence %d (%d tokens) to free KV blocks", seq.seq_id, seq.num_tokens)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
-            num_new = seq.num_uncomputed_tokens
+            if self._num_seqs_held() + 1 + len(seq.request.forks_pending) > self.limits.max_num_seqs:
+                break
+            if seq.request.params.prompt_logprobs is None:  # those need the logits of every prompt position
+                # A sequence its siblings fork from must still compute a token before the fork point.
+                leave = 2 if seq.request.forks_pending else 1
+                seq.num_computed_tokens = self.block_manager.take_cached_prefix(seq, tokens_to_leave=leave)
+            num_new = self._tokens_to_compute(seq)
             if num_new > budget:
                 if not self.limits.enable_chunked_prefill:
+                    self._drop_cached_prefix(seq)
                     break
                 num_new = budget
             # The watermark keeps room for running sequences to grow; with none running it has nothing to protect,
             # and holding it back would strand a sequence that fits the pool but not the pool minus the watermark.
             if not self.block_manager.can_allocate(seq, num_new, admitting=bool(self.running)):
+                self._drop_cached_prefix(seq)
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, num_new)
+            self.block_manager.cache_full_blocks(seq, seq.num_computed_tokens + num_new)
             seq.status = SequenceStatus.RUNNING
             keys = [s.arrival for s in self.running]
             self.running.insert(bisect.bisect_right(keys, seq.arrival), seq)
             out.scheduled.append(ScheduledSequence.of(seq, num_new))
             budget -= num_new
+
+    def _num_seqs_held(self) -> int:
+        """Running sequences plus the siblings that will fork from them."""
+        return len(self.running) + sum(len(seq.request.forks_pending) for seq in self.running)
+
+    def _drop_cached_prefix(self, seq: Sequence) -> None:
+        """A sequence that stays waiting holds no blocks (it looks its prefix up again when admitted)."""
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
 
     def finish(self, seq: Sequence) -> None:
         """Releases a sequence that ended (finished, aborted or failed) wherever it is."""

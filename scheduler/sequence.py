@@ -9,6 +9,7 @@ from rayinfer.scheduler.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
+    from rayinfer.scheduler.outputs import PositionLogprobs
 
 
 # Stands in a step's input for a token drawn by the previous step, still in flight when the step was planned.
@@ -37,11 +38,17 @@ class Sequence:
     # known) but not yet in token_ids. Workers fill them in from their own draws.
     num_pending_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Prefix-cache hashes of the table's leading full blocks (chained: each covers every token up to its end).
+    block_hashes: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     output_text: str = ""
     detokenizer: IncrementalDetokenizer | None = None
+    # One dict per output token when params.logprobs is set (filled as tokens arrive), and their sum (also kept,
+    # without the dicts, for a best_of request that did not ask for logprobs: it ranks the sequences).
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float = 0.0
 
     @property
     def arrival(self) -> int:
@@ -82,8 +89,19 @@ class Request:
     max_tokens: int  # resolved: params.max_tokens or what fits in max_model_len
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) and params.stop_token_ids
     eos_token_ids: frozenset[int]
-    seqs: list[Sequence] = field(default_factory=list)
+    # What the sampling worker gets when it differs from `params` (a best_of request asks for logprobs=0
+    # internally to rank its sequences); None: `params` itself.
+    sample_params: SamplingParams | None = None
+    seqs: list[Sequence] = field(default_factory=list)  # params.num_sequences of them
+    # Sequences 1..n-1 until sequence 0 has computed all of the prompt but its last token; then they fork from
+    # it, sharing its blocks, so the prompt is computed and stored once.
+    forks_pending: list[Sequence] = field(default_factory=list)
     error: str | None = None
+    # When params.prompt_logprobs is set: one entry per prompt token (the first stays None), filled as steps
+    # return them; how many are filled; and how far (in positions) steps have been asked to score the prompt.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_prompt_logprobs: int = 0
+    prompt_logprobs_asked: int = 0
 
     @property
     def is_finished(self) -> bool:

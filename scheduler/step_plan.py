@@ -41,6 +41,8 @@ class SequenceChunk:
     new_blocks: list[int]
     reset_blocks: bool  # the table starts over from new_blocks (a new or preempted sequence)
     sample: bool  # draws a token: this chunk ends the sequence's known text
+    # Return logprobs (params.prompt_logprobs of them) of the prompt tokens this chunk's rows predict.
+    prompt_logprobs: bool = False
 
 
 @dataclass
@@ -48,6 +50,8 @@ class StepPlan:
     chunks: list[SequenceChunk]
     new_sequences: list[NewSequence] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)
+    # (src, dst) block pairs to copy in every layer's pool before the forward (copy on write of shared blocks).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.executor_interface import Executor
+from rayinfer.scheduler.step_output import StepOutput
 from rayinfer.scheduler.step_plan import StepPlan
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.worker import Worker
@@ -29,7 +30,7 @@ class InProcessExecutor(Executor):
             )
         self.worker.init_cache(self.num_blocks)
 
-    def execute(self, plan: StepPlan) -> list[int]:
+    def execute(self, plan: StepPlan) -> StepOutput:
         return self.worker.execute(plan)
 
 

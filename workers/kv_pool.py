@@ -63,3 +63,11 @@ class KVPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         logger.info("KV pool: %d blocks of %d tokens per layer (%s, %s)", num_blocks, block_size, dtype, device)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copies whole blocks src -> dst in every layer's K and V (all pairs at once per tensor)."""
+        src = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=self.layers[0][0].device)
+        dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=src.device)
+        for key, value in self.layers:
+            key.index_copy_(0, dst, key.index_select(0, src))
+            value.index_copy_(0, dst, value.index_select(0, src))

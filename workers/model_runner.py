@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import torch
 
+from rayinfer.scheduler.step_output import StepOutput, TopLogprobs
 from rayinfer.scheduler.step_plan import StepPlan
 from rayinfer.workers.kv_pool import KVPool
 from rayinfer.workers.layers.attention import AttentionMetadata, PagedAttention
+from rayinfer.workers.logprobs import top_logprobs
 from rayinfer.workers.sampler import Sampler, SamplingTensors
 
 
@@ -68,14 +70,74 @@ class ModelRunner:
         )
         return self._tensor(input_ids), meta, self._tensor(sample_rows)
 
+    def prompt_logprob_rows(
+        self, plan: StepPlan, sequences: dict
+    ) -> tuple[list[int], list[int], list[tuple[int, int, int, int]]]:
+        """Rows of the flat batch whose logits score a prompt token, for the chunks marked `prompt_logprobs`.
+
+        Row of position p scores prompt token p + 1. Returns (rows, scored token ids, per marked chunk
+        (seq_id, first scored position, number of rows, k)).
+        """
+        rows: list[int] = []
+        scored: list[int] = []
+        spans: list[tuple[int, int, int, int]] = []
+        offset = 0
+        for chunk in plan.chunks:
+            if chunk.prompt_logprobs:
+                state = sequences[chunk.seq_id]
+                begin = chunk.start_position
+                end = min(begin + len(chunk.token_ids), state.num_prompt_tokens - 1)
+                if end > begin:
+                    rows.extend(range(offset, offset + end - begin))
+                    scored.extend(state.sampling.prompt_token_ids[begin + 1 : end + 1])
+                    spans.append((chunk.seq_id, begin + 1, end - begin, state.sampling.params.prompt_logprobs))
+            offset += len(chunk.token_ids)
+        return rows, scored, spans
+
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, sequences: dict) -> list[int]:
-        """Forward over the step; logits for the chunks that sample; the tokens drawn for them."""
+    def execute(self, plan: StepPlan, sequences: dict, with_logprobs: bool = True) -> StepOutput:
+        """Forward over the step; logits for the chunks that sample (and for prompt rows whose logprobs were
+        asked); the tokens drawn, with logprobs when `with_logprobs` (the rank that reports them)."""
         input_ids, meta, sample_rows = self.prepare(plan, sequences)
         hidden = self.model(input_ids, meta)
-        if sample_rows.numel() == 0:
-            return []
-        logits = self.model.compute_logits(hidden[sample_rows])  # a collective under tensor parallelism
+        prompt_rows: list[int] = []
+        prompt_scored: list[int] = []
+        spans: list[tuple[int, int, int, int]] = []
+        if any(chunk.prompt_logprobs for chunk in plan.chunks):
+            prompt_rows, prompt_scored, spans = self.prompt_logprob_rows(plan, sequences)
+        if sample_rows.numel() == 0 and not prompt_rows:
+            return StepOutput([])
+        rows = torch.cat([sample_rows, self._tensor(prompt_rows)]) if prompt_rows else sample_rows
+        logits = self.model.compute_logits(hidden[rows])  # a collective under tensor parallelism
+        num_samples = sample_rows.numel()
+        sample_logits = logits[:num_samples]
         requests = [sequences[chunk.seq_id].sampling for chunk in plan.chunks if chunk.sample]
-        sampling = SamplingTensors.build(requests, self.vocab_size, self.device)
-        return self.sampler(logits, sampling).tolist()
+        out = StepOutput([])
+        if requests:
+            sampling = SamplingTensors.build(requests, self.vocab_size, self.device)
+            token_ids = self.sampler(sample_logits, sampling)
+            if with_logprobs:
+                out.logprobs = self._sample_logprobs(plan, requests, sample_logits, token_ids)
+            out.token_ids = token_ids.tolist()
+        if with_logprobs and prompt_rows:
+            entries = top_logprobs(
+                logits[num_samples:], self._tensor(prompt_scored), [k for _, _, n, k in spans for _ in range(n)]
+            )
+            out.prompt_logprobs = {}
+            start = 0
+            for seq_id, first_position, n, _ in spans:
+                out.prompt_logprobs[seq_id] = (first_position, entries[start : start + n])
+                start += n
+        return out
+
+    def _sample_logprobs(
+        self, plan: StepPlan, requests: list, logits: torch.Tensor, token_ids: torch.Tensor
+    ) -> dict[int, TopLogprobs] | None:
+        """Logprobs of the drawn tokens, for the sampling rows whose params ask for them; None if none does."""
+        asking = [i for i, request in enumerate(requests) if request.params.logprobs is not None]
+        if not asking:
+            return None
+        seq_ids = [chunk.seq_id for chunk in plan.chunks if chunk.sample]
+        index = self._tensor(asking)
+        entries = top_logprobs(logits[index], token_ids[index], [requests[i].params.logprobs for i in asking])
+        return {seq_ids[i]: entry for i, entry in zip(asking, entries)}

@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.executor_interface import Executor, WorkerGroupFailure
+from rayinfer.scheduler.step_output import StepOutput
 from rayinfer.scheduler.step_plan import StepPlan
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.worker import Worker
@@ -131,7 +132,7 @@ class RayExecutor(Executor):
     # Workers run steps in the order they were sent, so the engine may send the next before this one ends.
     pipelined = True
 
-    def execute(self, plan: StepPlan) -> list[int]:
+    def execute(self, plan: StepPlan) -> StepOutput:
         return self.result(self.submit(plan))
 
     def submit(self, plan: StepPlan) -> object:
@@ -142,7 +143,7 @@ class RayExecutor(Executor):
         except RayError as exc:
             return WorkerGroupFailure(f"a worker of engine {self.engine_id} failed: {exc}")
 
-    def result(self, handle: object) -> list[int]:
+    def result(self, handle: object) -> StepOutput:
         if isinstance(handle, WorkerGroupFailure):
             raise handle
         try:

@@ -1,8 +1,9 @@
 """Batched sampling: logits of the sequences that sample this step -> one token id each.
 
 Everything is tensor ops over the whole batch (no per-row Python on the hot path), in vLLM's order:
-banned ids -> repetition penalty -> frequency/presence penalties -> greedy argmax -> temperature ->
-top-k -> top-p -> min-p -> draw.
+banned ids -> allowed ids -> logit bias -> repetition penalty -> frequency/presence penalties -> greedy argmax
+-> temperature -> top-k -> top-p -> min-p -> draw. Logprobs are not computed here: they come from the raw
+logits (see `workers/logprobs.py`), which the sampler never modifies.
 
 The draw is reproducible per request whatever else is in the batch: each row's randomness comes from a
 counter-based hash of (seed, output position, token id), not from a shared generator whose state would
@@ -37,6 +38,10 @@ class SamplingTensors:
     prompt_token_ids: Tensor | None  # [B, Lp] int64 padded with vocab_size; only with a repetition penalty
     output_token_ids: Tensor | None  # [B, Lo] int64 padded with vocab_size; only with any penalty
     banned_token_ids: Tensor | None  # [B, K] int64 padded with vocab_size; stop ids while below min_tokens
+    allowed_token_ids: Tensor | None  # [B, K] int64 padded with vocab_size; only when a row restricts its ids
+    restricted_rows: Tensor | None  # [B] bool: rows with allowed_token_ids (the others allow everything)
+    logit_bias_ids: Tensor | None  # [B, K] int64 padded with vocab_size; only when a row has a logit_bias
+    logit_bias_values: Tensor | None  # [B, K] float32 padded with 0
     all_greedy: bool
     any_top_k: bool
     any_top_p: bool
@@ -54,6 +59,9 @@ class SamplingTensors:
         top_ps: list[float] = []
         min_ps: list[float] = []
         banned: list[list[int]] = []
+        allowed: list[list[int]] = []
+        bias_ids: list[list[int]] = []
+        bias_values: list[list[float]] = []
         any_repetition = any_penalty = False
         for row in rows:
             p = row.params
@@ -64,6 +72,9 @@ class SamplingTensors:
             top_ps.append(1.0 if greedy else p.top_p)
             min_ps.append(0.0 if greedy else p.min_p)
             banned.append(list(row.stop_ids_for_min_tokens) if len(row.output_token_ids) < p.min_tokens else [])
+            allowed.append(p.allowed_token_ids or [])
+            bias_ids.append(list(p.logit_bias) if p.logit_bias else [])
+            bias_values.append(list(p.logit_bias.values()) if p.logit_bias else [])
             any_repetition |= p.repetition_penalty != 1.0
             any_penalty |= p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
@@ -88,6 +99,10 @@ class SamplingTensors:
             else None,
             output_token_ids=_padded([r.output_token_ids for r in rows], vocab_size, device) if any_penalty else None,
             banned_token_ids=_padded(banned, vocab_size, device) if any(banned) else None,
+            allowed_token_ids=_padded(allowed, vocab_size, device) if any(allowed) else None,
+            restricted_rows=torch.tensor([bool(a) for a in allowed], device=device) if any(allowed) else None,
+            logit_bias_ids=_padded(bias_ids, vocab_size, device) if any(bias_ids) else None,
+            logit_bias_values=_padded_floats(bias_values, device) if any(bias_ids) else None,
             all_greedy=all(t == 0.0 for t in temperatures),
             any_top_k=any(k < vocab_size for k in top_ks),
             any_top_p=any(p < 1.0 for p in top_ps),
@@ -102,10 +117,28 @@ def _padded(lists: Sequence[Sequence[int]], pad: int, device: torch.device | str
     return torch.tensor([list(ids) + [pad] * (width - len(ids)) for ids in lists], dtype=torch.int64, device=device)
 
 
+def _padded_floats(lists: Sequence[Sequence[float]], device: torch.device | str) -> Tensor:
+    """[B, max len] float32, short rows filled with 0 (matching `_padded`'s pad ids)."""
+    width = max(1, max(len(values) for values in lists))
+    return torch.tensor([list(v) + [0.0] * (width - len(v)) for v in lists], dtype=torch.float32, device=device)
+
+
 def _token_mask(token_ids: Tensor, vocab_size: int) -> Tensor:
     """[B, V] bool, True at the ids listed per row; the pad id lands in an extra column that is cut off."""
     mask = torch.zeros(token_ids.shape[0], vocab_size + 1, dtype=torch.bool, device=token_ids.device)
     return mask.scatter_(1, token_ids, True)[:, :vocab_size]
+
+
+def apply_allowed_and_bias(logits: Tensor, t: SamplingTensors) -> Tensor:
+    """Masks ids outside each restricted row's allowed set to -inf, then adds each row's logit_bias (in place)."""
+    vocab = logits.shape[1]
+    if t.allowed_token_ids is not None:
+        disallowed = ~_token_mask(t.allowed_token_ids, vocab) & t.restricted_rows[:, None]
+        logits.masked_fill_(disallowed, float("-inf"))
+    if t.logit_bias_ids is not None:
+        bias = torch.zeros(logits.shape[0], vocab + 1, dtype=logits.dtype, device=logits.device)
+        logits += bias.scatter_add_(1, t.logit_bias_ids, t.logit_bias_values)[:, :vocab]
+    return logits
 
 
 def apply_penalties(logits: Tensor, t: SamplingTensors) -> Tensor:
@@ -139,6 +172,8 @@ class Sampler(torch.nn.Module):
         vocab = logits.shape[1]
         if t.banned_token_ids is not None:
             logits.masked_fill_(_token_mask(t.banned_token_ids, vocab), float("-inf"))
+        if t.allowed_token_ids is not None or t.logit_bias_ids is not None:
+            logits = apply_allowed_and_bias(logits, t)
         if t.any_penalty:
             logits = apply_penalties(logits, t)
         greedy_ids = logits.argmax(dim=-1)
@@ -163,6 +198,7 @@ class Sampler(torch.nn.Module):
 __all__ = [
     "Sampler",
     "SamplingTensors",
+    "apply_allowed_and_bias",
     "apply_penalties",
     "apply_top_k_top_p",
     "counter_uniforms",

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.sequence import PENDING_TOKEN
+from rayinfer.scheduler.step_output import StepOutput
 from rayinfer.scheduler.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
 from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
 from rayinfer.workers.model_config import ModelSpec
@@ -168,14 +169,20 @@ class Worker:
         self.runner = ModelRunner(self.model, pool, self.spec.vocab_size, self.device)
 
     # ------------------------------------------------------------ steps
-    def execute(self, plan: StepPlan) -> list[int] | None:
-        """Applies the plan's changes, runs the step; rank 0 returns the drawn tokens, other ranks None."""
+    def execute(self, plan: StepPlan) -> StepOutput | None:
+        """Applies the plan's changes, runs the step; rank 0 returns the drawn tokens (and the logprobs asked
+        for), other ranks None."""
         self.sequences.apply(plan)
-        tokens = self.runner.execute(plan, self.sequences) if plan.chunks else []
+        if plan.block_copies:
+            self.runner.kv_pool.copy_blocks(plan.block_copies)
+        if plan.chunks:
+            output = self.runner.execute(plan, self.sequences, with_logprobs=self.rank == 0)
+        else:
+            output = StepOutput([])
         # Every rank draws (same logits, same counter-based randomness, so the same tokens): each then knows
         # the tokens that fill the next step's pending inputs without a broadcast.
-        self.sequences.record_samples(plan, tokens)
-        return tokens if self.rank == 0 else None
+        self.sequences.record_samples(plan, output.token_ids)
+        return output if self.rank == 0 else None
 
     def num_sequences(self) -> int:
         """How many sequences this worker holds state for (all are dropped once their requests end)."""

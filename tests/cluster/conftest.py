@@ -45,7 +45,7 @@ def _wait_for_metrics(url: str, predicate: Callable[[dict[str, float]], bool], t
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def serve_instance(ray_session):
     """The root URL of a running Serve HTTP proxy on loopback."""
     serve = pytest.importorskip("ray.serve", reason="installed with the 'serve' extra")
@@ -55,7 +55,7 @@ def serve_instance(ray_session):
     serve.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def server(serve_instance: str, llama_dir: Path) -> str:
     """The OpenAI app on the tiny model, served as `tiny`."""
     from ray import serve
@@ -67,7 +67,7 @@ def server(serve_instance: str, llama_dir: Path) -> str:
     return serve_instance
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def offline(llama_dir: Path) -> LLM:
     return LLM(str(llama_dir))
 
@@ -79,6 +79,6 @@ class Metrics:
     wait_for = staticmethod(_wait_for_metrics)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def metrics() -> type[Metrics]:
     return Metrics

@@ -69,7 +69,7 @@ def _snapshot(running: int, free: int, ttft: float) -> dict:
     metrics.histograms["time_to_first_token_seconds"].observe(ttft)
     metrics.counters["generation_tokens"] = 10
     engine = {"num_running": running, "num_waiting": 1, "num_blocks": 100, "num_free_blocks": free,
-              "num_preemptions": 2, "engine_id": "not-a-number"}
+              "num_preemptions": 2, "prefix_cache_queries": 50, "prefix_cache_hits": 30, "engine_id": "not-a-number"}
     return metrics.snapshot(engine)
 
 
@@ -81,6 +81,8 @@ def test_prometheus_text_merges_replicas_and_parses() -> None:
     assert _value(families, "rayinfer_kv_cache_usage_ratio") == pytest.approx(60 / 200)
     assert _value(families, "rayinfer_num_preemptions", "_total") == 4
     assert _value(families, "rayinfer_generation_tokens", "_total") == 20
+    assert _value(families, "rayinfer_prefix_cache_queries", "_total") == 100
+    assert _value(families, "rayinfer_prefix_cache_hits", "_total") == 60
     ttft = "rayinfer_time_to_first_token_seconds"
     assert _value(families, ttft, "_count") == 2
     assert _value(families, ttft, "_sum") == pytest.approx(0.55)

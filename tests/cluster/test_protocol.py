@@ -26,10 +26,14 @@ from rayinfer.cluster.protocol import (
     TokenizeRequest,
     TokenizeResponse,
     UsageInfo,
+    chat_logprobs,
+    completion_logprobs,
     error_body,
+    next_text_offset,
     sse_event,
     validation_error_body,
 )
+from rayinfer.scheduler.outputs import Logprob
 from rayinfer.scheduler.sampling_params import SamplingParams
 
 # What openai-python sends for client.completions.create(..., extra_body={...}).
@@ -362,3 +366,105 @@ def test_validation_error_body_lists_every_field() -> None:
     assert "temperature:" in body["error"]["message"] and "n:" in body["error"]["message"]
     assert body["error"]["code"] == 400
     json.dumps(body)  # serialisable as-is
+
+
+# ------------------------------------------------------------------------------- logprobs, echo, logit_bias
+
+
+def test_logprob_fields_map_to_sampling_params() -> None:
+    sp = CompletionRequest.model_validate(
+        {"model": "m", "prompt": "x", "logprobs": 2, "echo": True, "logit_bias": {"7": 100, "9": -250},
+         "allowed_token_ids": [7, 9]}).to_sampling_params(100)
+    assert sp.logprobs == 2 and sp.prompt_logprobs == 2  # echo asks for the prompt's logprobs too
+    assert sp.logit_bias == {7: 100.0, 9: -100.0} and sp.allowed_token_ids == [7, 9]
+    assert CompletionRequest(model="m", prompt="x", echo=True).to_sampling_params(100).prompt_logprobs is None
+    assert CompletionRequest(model="m", prompt="x", logprobs=1).to_sampling_params(100).prompt_logprobs is None
+    msgs = [{"role": "user", "content": "x"}]
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": msgs, "logprobs": True,
+                                                 "logit_bias": {"3": 1.5}}).to_sampling_params(100)
+    assert chat.logprobs == 0 and chat.logit_bias == {3: 1.5}
+    assert ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": msgs, "top_logprobs": 0}).to_sampling_params(100).logprobs is None
+
+
+def test_logprob_field_errors_name_the_field() -> None:
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": msgs, "top_logprobs": 3})
+    body = validation_error_body(info.value)
+    assert body["error"]["param"] == "top_logprobs" and "logprobs is true" in body["error"]["message"]
+    with pytest.raises(InvalidRequestError, match="echo") as err:
+        CompletionRequest(model="m", prompt="x", echo=True, max_tokens=0).to_sampling_params(100)
+    assert err.value.param == "max_tokens"
+    with pytest.raises(InvalidRequestError) as err:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "logit_bias": {"a": 1}}).to_sampling_params(9)
+    assert err.value.param == "logit_bias"
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "logit_bias": {"1": "big"}})
+    assert validation_error_body(info.value)["error"]["param"].startswith("logit_bias")
+
+
+def test_engine_refusals_are_renamed_to_the_request_field() -> None:
+    msgs = [{"role": "user", "content": "x"}]
+    chat = ChatCompletionRequest.model_validate({"model": "m", "messages": msgs, "logprobs": True,
+                                                 "top_logprobs": 30, "max_completion_tokens": 5})
+    refusal = chat.engine_refusal("logprobs: 30 requested, but this engine's max_logprobs is 20")
+    assert refusal.param == "top_logprobs" and str(refusal).startswith("top_logprobs: 30 requested")
+    assert chat.engine_refusal("max_tokens: too many").param == "max_completion_tokens"
+    assert chat.engine_refusal("logit_bias: token ids must be in [0, 5)").param == "logit_bias"
+    comp = CompletionRequest(model="m", prompt="x", logprobs=30, echo=True)
+    assert comp.engine_refusal("prompt_logprobs: 30 requested").param == "logprobs"
+    assert comp.engine_refusal("logprobs: 30 requested").param == "logprobs"
+    assert comp.engine_refusal("something broke").param is None
+    assert comp.engine_refusal("kv_cache: full").param is None
+
+
+def _position(*entries: tuple[int, float, int, str]) -> dict[int, Logprob]:
+    return {tid: Logprob(lp, rank, text) for tid, lp, rank, text in entries}
+
+
+def test_completion_logprobs_format() -> None:
+    positions = [
+        None,  # the first prompt token: nothing predicts it
+        _position((5, -0.5, 1, " b"), (6, -1.5, 2, " c")),
+        _position((7, -3.0, 3, "d"), (5, -0.25, 1, " b"), (6, float("-inf"), 2, " c")),
+    ]
+    out = completion_logprobs([4, 5, 7], positions, 1, decode=lambda t: "<s>" if t == 4 else "?", initial_offset=2)
+    assert out.model_dump() == {
+        "tokens": ["<s>", " b", "d"],
+        "token_logprobs": [None, -0.5, -3.0],
+        "top_logprobs": [None, {" b": -0.5}, {"d": -3.0, " b": -0.25}],  # the token itself, then the top 1
+        "text_offset": [2, 5, 7],
+    }
+    assert next_text_offset(out, 2) == 8
+    wide = completion_logprobs([7], positions[2:], 2, decode=str)
+    assert wide.top_logprobs == [{"d": -3.0, " b": -0.25, " c": -9999.0}]  # -inf as OpenAI's floor
+
+
+def test_chat_logprobs_format() -> None:
+    positions = [_position((7, -3.0, 3, "d"), (5, -0.25, 1, "é"), (6, -1.0, 2, " c")), None]
+    out = chat_logprobs([7, 9], positions, 2, decode=lambda t: "x").model_dump()
+    assert out["content"][0] == {
+        "token": "d", "logprob": -3.0, "bytes": [100],
+        "top_logprobs": [{"token": "é", "logprob": -0.25, "bytes": [195, 169]},  # the top 2 by rank
+                         {"token": " c", "logprob": -1.0, "bytes": [32, 99]}],
+    }
+    assert out["content"][1] == {"token": "x", "logprob": -9999.0, "bytes": [120], "top_logprobs": []}
+    assert chat_logprobs([7], positions[:1], 0, decode=str).content[0].top_logprobs == []
+
+
+def test_logprobs_response_shapes() -> None:
+    legacy = completion_logprobs([5], [_position((5, -0.5, 1, "a"))], 0, decode=str)
+    chunk = CompletionStreamResponse(id="cmpl-1", created=1, model="tiny",
+                                     choices=[CompletionChoice(index=0, text="a", logprobs=legacy)])
+    body = json.loads(sse_event(chunk)[len("data: "):])
+    assert body["choices"][0]["logprobs"] == {"tokens": ["a"], "token_logprobs": [-0.5], "top_logprobs": [{"a": -0.5}],
+                                              "text_offset": [0]}
+    content = chat_logprobs([5], [_position((5, -0.5, 1, "a"))], 1, decode=str)
+    chat = ChatCompletionResponse(model="tiny", usage=UsageInfo.of(1, 1), choices=[ChatCompletionChoice(
+        index=0, message=ChatResponseMessage(content="a"), logprobs=content, finish_reason="length")])
+    entry = chat.model_dump(mode="json")["choices"][0]["logprobs"]["content"][0]
+    assert entry == {"token": "a", "logprob": -0.5, "bytes": [97],
+                     "top_logprobs": [{"token": "a", "logprob": -0.5, "bytes": [97]}]}
+    streamed = ChatCompletionStreamChoice(index=0, delta=DeltaMessage(content="a"), logprobs=content)
+    assert streamed.model_dump()["logprobs"]["content"][0]["token"] == "a"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 from pathlib import Path
 
@@ -16,6 +17,11 @@ from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
 
 requests = pytest.importorskip("requests", reason="installed with the 'serve' extra")
 serve = pytest.importorskip("ray.serve", reason="installed with the 'serve' extra")
+
+# Serve replicas cannot import this test module: its deployment travels by value.
+import ray.cloudpickle  # noqa: E402
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _output(text: str, finished: bool, error: str | None = None) -> RequestOutput:

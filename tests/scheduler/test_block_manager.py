@@ -180,3 +180,87 @@ def test_over_allocation_raises_and_changes_nothing() -> None:
 def test_an_empty_pool_is_refused(num_blocks: int) -> None:
     with pytest.raises(ValueError, match="at least one block"):
         BlockManager(num_blocks=num_blocks, block_size=16)
+
+
+# ---------------------------------------------------------------- sharing, copy on write, prefix cache
+
+
+def computed(seq: Sequence, bm: BlockManager, num_tokens: int) -> None:
+    """Allocates and marks `num_tokens` more of `seq` computed, as a scheduled step does."""
+    bm.allocate(seq, num_tokens)
+    bm.cache_full_blocks(seq, seq.num_computed_tokens + num_tokens)
+    seq.num_computed_tokens += num_tokens
+
+
+def test_shared_partial_block_is_copied_before_the_first_write() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4)
+    leader, sibling = make_seq(0, 7), make_seq(1, 7)
+    computed(leader, bm, 6)  # blocks 0 (full) and 1 (2 of 4 slots)
+    bm.share(leader, sibling)
+    sibling.num_computed_tokens = 6
+    assert [bm.ref_count(b) for b in leader.block_table] == [2, 2]
+    assert bm.blocks_needed(leader, 1) == 1  # the copy
+    computed(leader, bm, 1)
+    (copy,) = bm.copies
+    assert copy.seq is leader and copy.src == sibling.block_table[1] and copy.dst == leader.block_table[1]
+    assert leader.block_table[0] == sibling.block_table[0] and bm.ref_count(leader.block_table[0]) == 2
+    assert bm.ref_count(copy.src) == 1  # the sibling now owns the original alone, and writes it in place
+    assert bm.blocks_needed(sibling, 1) == 0
+    computed(sibling, bm, 1)
+    assert len(bm.copies) == 1
+    bm.free(leader)
+    bm.free(sibling)
+    assert bm.num_free_blocks == 8
+
+
+def test_prefix_cache_reuses_full_blocks_and_leaves_the_last_token() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    first = make_seq(0, 10)
+    computed(first, bm, 10)  # full blocks 0..1 cached; the third is partial
+    again = make_seq(0, 10)  # the same text
+    assert bm.take_cached_prefix(again) == 8
+    assert again.block_table == first.block_table[:2] and bm.ref_count(first.block_table[0]) == 2
+    exact = make_seq(0, 8)  # a text of exactly two blocks still computes its last token
+    assert bm.take_cached_prefix(exact) == 4
+    assert (bm.num_prefix_queries, bm.num_prefix_hits) == (18, 12)
+
+
+def test_prefix_cache_compares_tokens_so_a_hash_collision_misses() -> None:
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    first = make_seq(0, 9)
+    computed(first, bm, 9)
+    block = first.block_table[0]
+    key, _ = bm._block_key[block]
+    bm._block_key[block] = (key, (1, 2, 3, 4))  # as if other tokens had hashed to the same key
+    assert bm.take_cached_prefix(make_seq(0, 9)) == 0
+
+
+def test_freed_cached_blocks_stay_cached_until_no_plain_block_is_left() -> None:
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    old, new = make_seq(0, 5), make_seq(50, 5)
+    computed(old, bm, 4)
+    bm.free(old)
+    computed(new, bm, 2)  # takes the plain free blocks first
+    assert bm.num_free_blocks == 3
+    bm.free(new)
+    hit = make_seq(0, 5)
+    assert bm.take_cached_prefix(hit) == 4  # still cached after being freed
+    bm.free(hit)
+    other = make_seq(90, 8)
+    computed(other, bm, 8)  # needs all four: every cached block is evicted for it
+    assert bm.take_cached_prefix(make_seq(0, 5)) == 0
+    bm.free(other)
+    assert bm.num_free_blocks == 4
+
+
+def test_reset_forgets_the_cache_but_not_blocks_in_use() -> None:
+    bm = BlockManager(num_blocks=6, block_size=2, enable_prefix_caching=True)
+    kept, gone = make_seq(0, 5), make_seq(50, 5)
+    computed(kept, bm, 4)
+    computed(gone, bm, 4)
+    bm.free(gone)
+    bm.reset_prefix_cache()
+    assert bm.num_free_blocks == 4 and not bm._evictable
+    assert bm.take_cached_prefix(make_seq(50, 5)) == 0 and bm.take_cached_prefix(make_seq(0, 5)) == 0
+    bm.free(kept)
+    assert bm.num_free_blocks == 6

@@ -1,10 +1,13 @@
 """The real Engine over a fake executor: random workloads under a small KV pool, checking every step's plan.
 
 The fake executor stands in for the model. On every step it checks what a worker relies on: the plan fits the
-token budget, each chunk's block table covers its tokens, no block is in two live sequences' tables, the pool
-is never over-used, and the tokens each chunk feeds are exactly the sequence's text (recomputed whole after a
-preemption, continued where it stopped otherwise). It answers with a token derived from (seq_id, position), so
-the final outputs can be checked token by token.
+token budget, each chunk's block table covers its tokens, no block a step writes is in another sequence's table
+(blocks are shared only for reading: a request's sequences share their prompt, prefix caching shares common
+prefixes, and a shared block is copied before it is written), the pool is never over-used, and the tokens each
+chunk feeds are exactly the sequence's text (recomputed after a preemption, continued where it stopped
+otherwise). It keeps a model of the KV pool, one token id per slot, and checks that every position a chunk
+attends to holds its sequence's token: what shared and cached blocks are reused for must be right. It answers
+with a token derived from (seq_id, position), so the final outputs can be checked token by token.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ class FakeExecutor(Executor):
         self.engine: Engine | None = None  # set after construction, for checks on sequences not in the plan
         self.known: dict[int, list[int]] = {}  # seq_id -> every token of its text seen so far (fed or sampled)
         self.states = SequenceStates()  # rebuilt from the plans' deltas alone, as a worker does
+        self.pool: list[list[int | None]] = [[None] * self.block_size for _ in range(num_blocks)]  # token per slot
+        self.num_copies = 0
         self.num_steps = 0
         self.num_recomputes = 0
         self.max_blocks_in_use = 0
@@ -85,6 +90,10 @@ class FakeExecutor(Executor):
         tokens = []
         self.num_pending_inputs += sum(chunk.token_ids.count(PENDING_TOKEN) for chunk in plan.chunks)
         self.states.apply(plan)
+        for src, dst in plan.block_copies:  # before the forward, as the workers do
+            self.pool[dst] = list(self.pool[src])
+        self.num_copies += len(plan.block_copies)
+        tables = {chunk.seq_id: self.states[chunk.seq_id].block_table for chunk in plan.chunks}
         for chunk in plan.chunks:
             n = len(chunk.token_ids)
             assert n >= 1
@@ -96,11 +105,18 @@ class FakeExecutor(Executor):
             assert len(table) == blocks_for(end, self.block_size), "the block table holds blocks it does not need"
             assert all(0 <= block < self.num_blocks for block in table)
             assert len(set(table)) == len(table)
-            assert not blocks_in_plan & set(table), "two sequences in one step share a block"
-            blocks_in_plan |= set(table)
+            # Another sequence of the step may read a block this one fills (a prefix cached as it is computed:
+            # each layer writes the step's K/V before attending), but no two write the same slot.
+            written = {(table[p // self.block_size], p % self.block_size) for p in range(chunk.start_position, end)}
+            assert not written & blocks_in_plan, "two sequences in one step write the same KV slot"
+            blocks_in_plan |= written
             if not self.config.enable_chunked_prefill:
-                assert chunk.sample, "a prompt was split although chunked prefill is off"
-            self._check_text(chunk.seq_id, chunk.start_position, chunk.token_ids, state.num_prompt_tokens)
+                # The one split allowed: a request's first sequence stops before its prompt's last token, where
+                # its siblings fork from it.
+                fork_point = end == state.num_prompt_tokens - 1
+                assert chunk.sample or fork_point, "a prompt was split although chunked prefill is off"
+            self._check_text(chunk.seq_id, chunk.start_position, chunk.token_ids, state)
+            self._write_pool(chunk.start_position, chunk.token_ids, table)
             if chunk.sample:
                 known = self.known[chunk.seq_id]
                 assert end == len(known), "a chunk samples while some of its sequence's tokens are not computed"
@@ -109,19 +125,39 @@ class FakeExecutor(Executor):
                 token = fake_token(chunk.seq_id, end)
                 known.append(token)
                 tokens.append(token)
+        for chunk in plan.chunks:  # every layer writes the whole step's K/V, then attends
+            self._check_pool(chunk.seq_id, chunk.start_position + len(chunk.token_ids), tables[chunk.seq_id])
         self.states.record_samples(plan, tokens)
         if self.engine is not None and not self.pipelined:  # a pipelined engine has moved on since submitting
             self._check_live_sequences(set(seq_ids))
         return tokens
 
-    def _check_text(self, seq_id: int, start: int, token_ids: list[int], num_prompt_tokens: int) -> None:
+    def _check_text(self, seq_id: int, start: int, token_ids: list[int], state) -> None:
+        num_prompt_tokens = state.num_prompt_tokens
         known = self.known.setdefault(seq_id, [])
-        if start == 0 and len(known) > num_prompt_tokens:
-            self.num_recomputes += 1  # a preempted sequence starts over: it must feed the same text again
+        if start > len(known):
+            # It starts past what it fed on blocks it did not write (a sibling's prompt, or cached blocks): their
+            # tokens are its text's, which the pool check below verifies the blocks hold.
+            text = state.sampling.prompt_token_ids + state.sampling.output_token_ids
+            known.extend(text[len(known) : start])
+        if start + 1 < len(known) and len(known) > num_prompt_tokens:
+            # A preempted sequence starts over (from 0, or where the prefix cache ends): it must feed the same text
+            # again. (A decode re-feeds only the one token it last drew.)
+            self.num_recomputes += 1
         assert start <= len(known), "a chunk skips tokens that were never fed"
         overlap = known[start : start + len(token_ids)]
         assert token_ids[: len(overlap)] == overlap, "a chunk feeds tokens that differ from the sequence's text"
         known.extend(token_ids[len(overlap) :])
+
+    def _write_pool(self, start: int, token_ids: list[int], table: list[int]) -> None:
+        for offset, token in enumerate(token_ids):
+            position = start + offset
+            self.pool[table[position // self.block_size]][position % self.block_size] = token
+
+    def _check_pool(self, seq_id: int, end: int, table: list[int]) -> None:
+        size = self.block_size
+        stored = [self.pool[table[p // size]][p % size] for p in range(end)]
+        assert stored == self.known[seq_id][:end], "a chunk attends to KV slots that do not hold its sequence's tokens"
 
     def _check_live_sequences(self, scheduled_ids: set[int]) -> None:
         engine = self.engine
@@ -131,13 +167,13 @@ class FakeExecutor(Executor):
             if seq.seq_id in scheduled_ids:
                 assert self.states[seq.seq_id].block_table == seq.block_table, "worker tables drifted from the engine's"
         assert set(self.states) <= {s.seq_id for r in engine.requests.values() for s in r.seqs}, "workers keep dead sequences"
-        assert len(held) == len(set(held)), "a block id is in two live sequences' block tables"
-        assert len(held) <= self.num_blocks
-        assert len(held) + engine.num_free_blocks == self.num_blocks, "blocks leaked or double-counted"
+        for block in set(held):
+            assert engine.block_manager.ref_count(block) == held.count(block), "a block's reference count is off"
+        assert len(set(held)) + engine.num_free_blocks == self.num_blocks, "blocks leaked or double-counted"
         assert all(not seq.block_table for seq in engine.scheduler.waiting), "a waiting sequence holds blocks"
         assert scheduled_ids <= {seq.seq_id for seq in running}
         assert len(running) <= engine.config.max_num_seqs
-        self.max_blocks_in_use = max(self.max_blocks_in_use, len(held))
+        self.max_blocks_in_use = max(self.max_blocks_in_use, len(set(held)))
 
 
 def make_engine(model_dir: Path, num_blocks: int, pipelined: bool = False, **config: object) -> Engine:
@@ -165,7 +201,13 @@ def drain(engine: Engine, max_steps: int = 10_000) -> dict[str, RequestOutput]:
 
 
 def run_workload(
-    model_dir: Path, seed: int, block_size: int, chunked: bool, small_pool: bool, pipelined: bool = False
+    model_dir: Path,
+    seed: int,
+    block_size: int,
+    chunked: bool,
+    small_pool: bool,
+    pipelined: bool = False,
+    prefix_caching: bool = False,
 ) -> Engine:
     rng = random.Random(seed)
     budget = rng.randint(1, 64) if chunked else rng.randint(MAX_MODEL_LEN, MAX_MODEL_LEN + 40)
@@ -180,16 +222,20 @@ def run_workload(
         enable_chunked_prefill=chunked,
         max_num_seqs=rng.randint(4, 16),
         seed=seed,
+        enable_prefix_caching=prefix_caching,
     )
     executor: FakeExecutor = engine.executor
 
     num_requests = rng.randint(20, 30)
+    # Some prompts start with one of a few shared prefixes, so the prefix cache has something to find.
+    prefixes = [[rng.randrange(FIRST_PLAIN_ID, VOCAB) for _ in range(rng.randint(1, 60))] for _ in range(3)]
     specs = []
     for i in range(num_requests):
-        prompt = [rng.randrange(FIRST_PLAIN_ID, VOCAB) for _ in range(rng.randint(1, 100))]
+        prompt = rng.choice(prefixes)[:] if rng.random() < 0.5 else []
+        prompt = (prompt + [rng.randrange(FIRST_PLAIN_ID, VOCAB) for _ in range(rng.randint(1, 100))])[:110]
         room = MAX_MODEL_LEN - len(prompt)
         max_tokens = None if rng.random() < 0.1 else rng.randint(1, min(room, 60))
-        n = 2 if rng.random() < 0.15 else 1
+        n = rng.choice([2, 3]) if rng.random() < 0.25 else 1
         specs.append((f"req-{seed}-{i}", prompt, max_tokens, n))
     pending = list(specs)
     expected: dict[str, tuple[int, list[int], list[int]]] = {}  # request_id -> (max_tokens, prompt, seq_ids)
@@ -257,14 +303,21 @@ def run_workload(
     return engine
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["no-cache", "prefix-cache"])
 @pytest.mark.parametrize("pipelined", [False, True], ids=["in-order", "pipelined"])
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole-prompts"])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
-def test_random_workloads_on_a_small_pool(llama_dir: Path, block_size: int, chunked: bool, pipelined: bool) -> None:
+def test_random_workloads_on_a_small_pool(
+    llama_dir: Path, block_size: int, chunked: bool, pipelined: bool, prefix_caching: bool
+) -> None:
+    hits = copies = 0
     for seed in range(8):
         engine = run_workload(
-            llama_dir, 1000 * block_size + 10 * seed + chunked, block_size, chunked, small_pool=True, pipelined=pipelined
+            llama_dir, 1000 * block_size + 10 * seed + chunked, block_size, chunked, small_pool=True,
+            pipelined=pipelined, prefix_caching=prefix_caching,
         )
+        hits += engine.block_manager.num_prefix_hits
+        copies += engine.executor.num_copies
         preemptions = engine.scheduler.num_preemptions
         assert (engine.executor.num_pending_inputs > 0) == pipelined
         if engine.max_num_batched_tokens > 1:
@@ -274,12 +327,16 @@ def test_random_workloads_on_a_small_pool(llama_dir: Path, block_size: int, chun
             assert engine.executor.num_recomputes > 0
         else:
             assert preemptions == 0  # a one-token budget runs one sequence at a time: nothing to preempt
+    assert (hits > 0) == prefix_caching  # shared prefixes and recomputed texts were found in the cache
+    if block_size > 1:
+        assert copies > 0  # forked prompts ending mid-block were copied before their siblings wrote them
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole-prompts"])
 def test_random_workloads_on_a_roomy_pool(llama_dir: Path, chunked: bool) -> None:
     for seed, block_size in enumerate([1, 4, 16]):
         run_workload(llama_dir, 77 + seed, block_size, chunked, small_pool=False)
+        run_workload(llama_dir, 177 + seed, block_size, chunked, small_pool=False, prefix_caching=True)
 
 
 # ---------------------------------------------------------------- requests refused at add time

@@ -63,6 +63,15 @@ def test_is_greedy() -> None:
         ("min_tokens", -1),
         ("logprobs", -1),
         ("prompt_logprobs", -1),
+        ("logit_bias", [1, 2]),
+        ("logit_bias", {"x": 1.0}),
+        ("logit_bias", {-3: 1.0}),
+        ("logit_bias", {True: 1.0}),
+        ("logit_bias", {3: float("nan")}),
+        ("logit_bias", {3: "big"}),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [1, -2]),
+        ("allowed_token_ids", "12"),
     ],
 )
 def test_invalid_value_names_field(field: str, value: Any) -> None:
@@ -76,6 +85,13 @@ def test_cross_field_rules() -> None:
     with pytest.raises(ValueError, match="min_tokens must be <= max_tokens"):
         SamplingParams(max_tokens=4, min_tokens=5)
     assert SamplingParams(n=2, best_of=4).best_of == 4
+
+
+def test_logit_bias_keys_become_ints_and_values_clamp_to_openai_range() -> None:
+    p = SamplingParams(logit_bias={"12": 250, 7: -1e9, 3: 0.5})
+    assert p.logit_bias == {12: 100.0, 7: -100.0, 3: 0.5}
+    assert SamplingParams(allowed_token_ids=(4, 2)).allowed_token_ids == [4, 2]
+    assert SamplingParams().logit_bias is None and SamplingParams().allowed_token_ids is None
 
 
 def test_beam_search_params() -> None:

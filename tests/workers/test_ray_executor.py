@@ -140,3 +140,40 @@ def test_abort_frees_blocks_on_every_rank(llama_dir: Path, ray_session) -> None:
 def test_unshardable_model_fails_at_config_time(llama_dir: Path) -> None:
     with pytest.raises(ValueError, match="num_attention_heads \\(4\\).*not divisible by 3"):
         LLM(str(llama_dir), tensor_parallel_size=3, distributed_executor_backend="ray")
+
+
+@pytest.mark.parametrize("compiled_graph", ["0", "1"], ids=["actor-calls", "compiled-graph"])
+def test_logprobs_through_pipelined_workers_survive_a_restart(
+    compiled_graph: str, llama_dir: Path, ray_session, monkeypatch
+) -> None:
+    """Logprobs come back from rank 0 of a pipelined group (pending tokens included) and equal the in-process
+    engine's; a worker killed mid-prefill loses the prompt logprobs in flight, which are then asked again."""
+    monkeypatch.setenv("RAYINFER_RAY_COMPILED_GRAPH", compiled_graph)
+    asking = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    params = [asking, GREEDY, asking, asking]
+    reference = LLM(str(llama_dir), max_num_batched_tokens=8).generate(PROMPTS, params, use_tqdm=False)
+    llm = _ray_llm(llama_dir, max_num_batched_tokens=8)
+    try:
+        for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
+            llm.engine.add_request(str(i), prompt, p)
+        for _ in range(3):  # the longer prompts are still in prefill
+            llm.engine.step()
+        os.kill(llm.engine.executor.worker_pids()[1], signal.SIGKILL)
+        finished = _run_to_end(llm)
+        assert llm.engine.executor.generation == 2, "the worker group was not replaced"
+    finally:
+        llm.shutdown()
+    for i, ref in enumerate(reference):
+        ours = finished[str(i)]
+        assert ours.outputs[0].token_ids == ref.outputs[0].token_ids
+        pairs = list(zip(ours.outputs[0].logprobs or [], ref.outputs[0].logprobs or [], strict=True))
+        pairs += list(zip(ours.prompt_logprobs or [], ref.prompt_logprobs or [], strict=True))
+        assert (ours.prompt_logprobs is None) == (ref.prompt_logprobs is None)
+        for a, b in pairs:
+            if a is None:
+                assert b is None
+                continue
+            assert a.keys() == b.keys()
+            for token_id in a:
+                assert a[token_id].rank == b[token_id].rank
+                assert a[token_id].logprob == pytest.approx(b[token_id].logprob, abs=1e-4)

@@ -245,3 +245,39 @@ def test_cuda_draws_match_cpu() -> None:
     logits = torch.randn(len(rows), 64) * 2
     on_cuda = Sampler()(logits.cuda(), SamplingTensors.build(rows, 64, "cuda")).cpu()
     assert torch.equal(on_cuda, _sample(logits, rows))
+
+
+def test_logit_bias_and_allowed_ids_apply_per_row() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 32)
+    rows = [
+        _row(SamplingParams(temperature=0.0)),
+        _row(SamplingParams(temperature=0.0, logit_bias={7: 100.0})),
+        _row(SamplingParams(temperature=0.0, allowed_token_ids=[3, 9, 30])),
+        _row(SamplingParams(temperature=0.0, allowed_token_ids=[3, 9, 30], logit_bias={9: 100.0, 3: -100.0})),
+    ]
+    tokens = _sample(logits, rows).tolist()
+    assert tokens[0] == logits[0].argmax().item()  # a row without either is untouched by the others
+    assert tokens[1] == 7
+    assert tokens[2] == [3, 9, 30][logits[2, [3, 9, 30]].argmax().item()]
+    assert tokens[3] == 9
+
+
+def test_logit_bias_shifts_the_draw_and_allowed_ids_bound_it() -> None:
+    logits = torch.zeros(64, 16)
+    params = SamplingParams(temperature=1.0, allowed_token_ids=[2, 5], logit_bias={5: 3.0})
+    tokens = _sample(logits, [_row(params, seed=s) for s in range(64)]).tolist()
+    assert set(tokens) <= {2, 5}
+    assert tokens.count(5) > 48  # p(5) = e^3 / (1 + e^3) ~ 0.95
+
+
+def test_logprobs_are_raw_and_rank_by_logit() -> None:
+    from rayinfer.workers.logprobs import top_logprobs
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5], [0.0, 0.0, 5.0, -1.0]])
+    out = top_logprobs(logits, torch.tensor([0, 2]), [2, 0])
+    expected = torch.log_softmax(logits, dim=-1)
+    assert out[0].token_ids == [0, 1, 2] and out[0].ranks == [3, 1, 2]
+    assert out[0].logprobs == pytest.approx([expected[0, 0].item(), expected[0, 1].item(), expected[0, 2].item()])
+    assert out[1].token_ids == [2] and out[1].ranks == [1]
+    assert out[1].logprobs == pytest.approx([expected[1, 2].item()])

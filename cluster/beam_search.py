@@ -13,10 +13,13 @@ does).
 
 The beams of a prompt share their prefix, and the engine's prefix cache turns that into shared KV blocks: each
 step recomputes only what lies past a beam's last full block (see `LLM.beam_search`).
+
+`BeamSearch` holds the algorithm and is driven one step at a time: by `beam_search` over the offline engine and
+by `beam_search_async` in the server, whose step runs each beam as an engine call of its own, concurrently.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
 from rayinfer.scheduler.outputs import PositionLogprobs
@@ -24,6 +27,7 @@ from rayinfer.scheduler.sampling_params import BeamSearchParams
 
 # One engine step over a list of token sequences: for each, its next position's logprobs (candidate -> Logprob).
 StepFn = Callable[[list[list[int]]], list[PositionLogprobs]]
+AsyncStepFn = Callable[[list[list[int]]], Awaitable[list[PositionLogprobs]]]
 
 
 def num_candidates(beam_width: int, num_eos_tokens: int) -> int:
@@ -97,6 +101,64 @@ class BeamSearchInstance:
         return beams[: params.beam_width]
 
 
+class BeamSearch:
+    """The search for several prompts, driven one engine step at a time by its caller: `inputs()` gives the token
+    sequences to run for one token (every live beam of every prompt still searching), `advance()` takes their
+    next-position logprobs in the same order, until `done`; `results()` then gives each prompt's best beams.
+    `beam_search` drives it with a synchronous engine (`LLM.beam_search`), `beam_search_async` with an async one
+    (the server, one engine call per beam)."""
+
+    def __init__(
+        self, prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: Collection[int], max_model_len: int
+    ) -> None:
+        self.params = params
+        self.eos_token_ids = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
+        self.keep = num_candidates(params.beam_width, len(self.eos_token_ids))
+        self.instances = [
+            BeamSearchInstance(list(prompt), min(params.max_tokens, max(1, max_model_len - len(prompt))))
+            for prompt in prompts
+        ]
+        self.steps = 0
+        self._batches: list[tuple[BeamSearchInstance, int]] = []  # the last `inputs()`: instance, its count
+
+    @property
+    def done(self) -> bool:
+        return self.steps >= self.params.max_tokens or not any(instance.live for instance in self.instances)
+
+    def inputs(self) -> list[list[int]]:
+        """The sequences of this step, each to run for one token (prompt + a live beam's tokens)."""
+        flat: list[list[int]] = []
+        self._batches = []
+        for instance in self.instances:
+            if instance.live:
+                batch = instance.inputs()
+                self._batches.append((instance, len(batch)))
+                flat.extend(batch)
+        return flat
+
+    def advance(self, results: list[PositionLogprobs]) -> None:
+        """Takes the step's logprobs, one dict per sequence of the last `inputs()`, in its order."""
+        expected = sum(count for _, count in self._batches)
+        if len(results) != expected:
+            raise ValueError(f"beam search: {len(results)} step results for {expected} sequences")
+        start = 0
+        for instance, count in self._batches:
+            instance.advance(results[start : start + count], self.params, self.eos_token_ids, self.keep)
+            start += count
+        self._batches = []
+        self.steps += 1
+
+    def results(self) -> list[list[Beam]]:
+        """Per prompt, its best `beam_width` beams, best first."""
+        return [instance.best(self.params) for instance in self.instances]
+
+
+def step_logprobs(params: BeamSearchParams, eos_token_ids: Collection[int], vocab_size: int) -> int:
+    """The candidates each step asks per beam (the engine's `logprobs`): `num_candidates`, at most the vocabulary."""
+    eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
+    return min(num_candidates(params.beam_width, len(eos)), vocab_size)
+
+
 def beam_search(
     step: StepFn,
     prompts: list[list[int]],
@@ -107,22 +169,23 @@ def beam_search(
 ) -> list[list[Beam]]:
     """Runs the search for every prompt together (one engine step per token); the best beams per prompt, best
     first."""
-    eos = frozenset() if params.ignore_eos else frozenset(eos_token_ids)
-    keep = num_candidates(params.beam_width, len(eos))
-    instances = [
-        BeamSearchInstance(list(prompt), min(params.max_tokens, max(1, max_model_len - len(prompt))))
-        for prompt in prompts
-    ]
-    for _ in range(params.max_tokens):
-        running = [instance for instance in instances if instance.live]
-        if not running:
-            break
-        inputs = [instance.inputs() for instance in running]
-        results = step([tokens for batch in inputs for tokens in batch])
-        start = 0
-        for instance, batch in zip(running, inputs):
-            instance.advance(results[start : start + len(batch)], params, eos, keep)
-            start += len(batch)
+    search = BeamSearch(prompts, params, eos_token_ids, max_model_len)
+    while not search.done:
+        search.advance(step(search.inputs()))
         if on_step is not None:
             on_step()
-    return [instance.best(params) for instance in instances]
+    return search.results()
+
+
+async def beam_search_async(
+    step: AsyncStepFn,
+    prompts: list[list[int]],
+    params: BeamSearchParams,
+    eos_token_ids: Collection[int],
+    max_model_len: int,
+) -> list[list[Beam]]:
+    """`beam_search` with an async engine step (the server's: one engine call per sequence, run concurrently)."""
+    search = BeamSearch(prompts, params, eos_token_ids, max_model_len)
+    while not search.done:
+        search.advance(await step(search.inputs()))
+    return search.results()

@@ -6,6 +6,10 @@ out as `InvalidRequestError` (a `ValueError`) whose `param` names the offending 
 refuses when a request is added (`logprobs` over its `max_logprobs`, token ids outside the vocabulary) is renamed
 to the request's field by `engine_refusal`.
 
+`use_beam_search` (vLLM's older extra field) turns a request into a beam search instead: `to_beam_search_params`
+gives its `BeamSearchParams` (beam width `best_of` if given, else `n`; `length_penalty`, `ignore_eos`) and refuses
+the sampling fields a beam search would silently ignore.
+
 `completion_logprobs` and `chat_logprobs` turn the engine's per-token logprobs into the two OpenAI formats.
 """
 
@@ -29,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from rayinfer.scheduler.sampling_params import SamplingParams
+from rayinfer.scheduler.sampling_params import GREEDY_TEMPERATURE_EPS, BeamSearchParams, SamplingParams
 
 
 class InvalidRequestError(ValueError):
@@ -97,6 +101,26 @@ class ChatMessage(_Request):
         return "\n".join(part.text for part in self.content)
 
 
+# Fields a beam search cannot honour (it ranks raw logprobs, one token per step): each with the test its value
+# must pass to be accepted (unset or neutral).
+NOT_WITH_BEAM_SEARCH: dict[str, Callable[[Any], bool]] = {
+    "top_p": lambda v: v is None or v == 1,
+    "top_k": lambda v: v is None or v in (0, -1),
+    "min_p": lambda v: v is None or v == 0,
+    "presence_penalty": lambda v: v is None or v == 0,
+    "frequency_penalty": lambda v: v is None or v == 0,
+    "repetition_penalty": lambda v: v is None or v == 1,
+    "min_tokens": lambda v: v == 0,
+    "stop": lambda v: not v,
+    "stop_token_ids": lambda v: not v,
+    "logit_bias": lambda v: not v,
+    "allowed_token_ids": lambda v: v is None,
+    "logprobs": lambda v: v is None or v is False,
+    "top_logprobs": lambda v: not v,
+    "echo": lambda v: not v,
+}
+
+
 class _SamplingFields(_Request):
     """Fields shared by completions and chat: OpenAI's, then vLLM's extra body fields."""
 
@@ -123,6 +147,9 @@ class _SamplingFields(_Request):
     # OpenAI sends logit_bias keys as strings ("50256"); SamplingParams turns them into token ids.
     logit_bias: Optional[dict[str, float]] = None
     allowed_token_ids: Optional[list[int]] = None
+    # vLLM's older beam search: the beam width is best_of if given, else n; the n best beams come back, best first.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
 
     @field_validator("stream_options")
     @classmethod
@@ -160,6 +187,56 @@ class _SamplingFields(_Request):
     def _engine_renames(self) -> dict[str, str]:
         """Engine field name -> this request's field, for `engine_refusal`."""
         return {}
+
+    # ------------------------------------------------------------------ beam search
+    @property
+    def beam_width_field(self) -> str:
+        """The field that sets a beam search's width: `best_of` if given, else `n` (as vLLM did)."""
+        return "best_of" if getattr(self, "best_of", None) is not None else "n"
+
+    def _requested_max_tokens(self) -> tuple[Optional[int], str, bool, str]:
+        """(requested max tokens, its field, whether given explicitly, the prompt's field)."""
+        raise NotImplementedError
+
+    def to_beam_search_params(self, default_max_tokens: int) -> BeamSearchParams:
+        """The beam search this `use_beam_search` request asks for; `default_max_tokens` is max_model_len -
+        prompt_len. Its width is `best_of` if given, else `n`, and `n` beams are returned (so n <= best_of).
+
+        Beam search ranks raw logprobs, so `temperature` must be 0 if given, and fields that change how tokens are
+        drawn or cut (`top_p`, penalties, `stop`, `logit_bias`, ...) or ask for logprobs are refused rather than
+        ignored, each with a 400 naming it. `seed` is accepted and has no effect.
+        """
+        if self.n < 1:
+            raise InvalidRequestError(f"n must be >= 1 (got {self.n})", param="n")
+        width_field = self.beam_width_field
+        width = getattr(self, width_field)
+        if width < 1:
+            raise InvalidRequestError(f"{width_field} (the beam width) must be >= 1 (got {width})", param=width_field)
+        if width < self.n:
+            raise InvalidRequestError(
+                f"best_of (the beam width) must be >= n, the beams returned (got best_of={width}, n={self.n})",
+                param="best_of",
+            )
+        if self.temperature is not None and self.temperature >= GREEDY_TEMPERATURE_EPS:
+            raise InvalidRequestError(
+                f"temperature must be 0 (or unset) with use_beam_search, which ranks the model's raw logprobs "
+                f"(got {self.temperature})",
+                param="temperature",
+            )
+        model_fields = type(self).model_fields
+        for name, accepted in NOT_WITH_BEAM_SEARCH.items():
+            if name in model_fields and not accepted(getattr(self, name)):
+                raise InvalidRequestError(f"{name} is not supported with use_beam_search", param=name)
+        requested, field, explicit, prompt_field = self._requested_max_tokens()
+        max_tokens = self._max_tokens(requested, field, default_max_tokens, explicit, prompt_field)
+        try:
+            return BeamSearchParams(beam_width=width, max_tokens=max_tokens, ignore_eos=self.ignore_eos,
+                                    length_penalty=self.length_penalty)
+        except ValueError as exc:
+            name = str(exc).split(" ", 1)[0]
+            param = {"beam_width": width_field, "max_tokens": field}.get(name, name)
+            message = str(exc) if param == name else f"{param}: {exc}"
+            raise InvalidRequestError(message, param=param if param in type(self).model_fields else None) from exc
 
     def engine_refusal(self, message: str) -> InvalidRequestError:
         """The engine's add-time refusal ("field: why"), renamed to this request's field: e.g. a chat request's
@@ -231,6 +308,9 @@ class CompletionRequest(_SamplingFields):
         return self._build(max_tokens, "max_tokens", {"prompt_logprobs": "logprobs"}, logprobs=self.logprobs,
                            prompt_logprobs=prompt_logprobs, best_of=self.best_of)
 
+    def _requested_max_tokens(self) -> tuple[Optional[int], str, bool, str]:
+        return self.max_tokens, "max_tokens", "max_tokens" in self.model_fields_set, "prompt"
+
     def _engine_renames(self) -> dict[str, str]:
         return {"prompt_logprobs": "logprobs", "prompt_token_ids": "prompt"}
 
@@ -244,6 +324,7 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
+    best_of: Optional[int] = None  # a vLLM extra here, as on completions
 
     @field_validator("top_logprobs")
     @classmethod
@@ -265,7 +346,12 @@ class ChatCompletionRequest(_SamplingFields):
             field, requested = "max_tokens", self.max_tokens
         max_tokens = self._max_tokens(requested, field, default_max_tokens, explicit=True, prompt_field="messages")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._build(max_tokens, field, {"logprobs": "top_logprobs"}, logprobs=logprobs)
+        return self._build(max_tokens, field, {"logprobs": "top_logprobs"}, logprobs=logprobs, best_of=self.best_of)
+
+    def _requested_max_tokens(self) -> tuple[Optional[int], str, bool, str]:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens", True, "messages"
+        return self.max_tokens, "max_tokens", True, "messages"
 
     def _engine_renames(self) -> dict[str, str]:
         return {"logprobs": "top_logprobs", "prompt": "messages", "prompt_token_ids": "messages",

@@ -3,10 +3,17 @@
 `EngineDeployment` is one engine replica (the scheduler, with its tensor-parallel workers in the replica's
 placement group); `Ingress` validates, tokenizes, applies chat templates and turns output deltas into OpenAI
 JSON or server-sent events. Tokens go to the client as soon as the engine produces them: no batching interval.
+
+A `use_beam_search` request runs its search from the ingress (`rayinfer.cluster.beam_search`, the loop
+`LLM.beam_search` runs): each step is one engine call per live beam (`max_tokens=1`, the candidates as logprobs),
+all of a step's calls at once, so the beams spread over the engine replicas. Its answer is known only at the end,
+so a streamed beam search sends it as one chunk (then the usage chunk if asked, and `[DONE]`), as a `best_of`
+stream does.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -20,10 +27,12 @@ from ray.exceptions import RayError
 from ray.serve.exceptions import BackPressureError
 
 from rayinfer.cluster import protocol as p
+from rayinfer.cluster.beam_search import Beam, beam_search_async, step_logprobs
 from rayinfer.cluster.metrics import ReplicaMetrics, render_prometheus
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.actor import EngineActor
-from rayinfer.scheduler.outputs import RequestOutput
+from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
+from rayinfer.scheduler.outputs import PositionLogprobs, RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -60,7 +69,13 @@ class EngineDeployment:
 
     def info(self) -> dict[str, Any]:
         engine = self.engine.engine
-        return {"max_model_len": engine.max_model_len, "model": engine.config.model}
+        return {
+            "max_model_len": engine.max_model_len,
+            "model": engine.config.model,
+            "max_logprobs": engine.config.max_logprobs,
+            "eos_token_ids": sorted(engine.eos_token_ids),
+            "vocab_size": engine.model_spec.vocab_size,
+        }
 
     async def generate(
         self, request_id: str, prompt: str | None, params: SamplingParams, prompt_token_ids: list[int] | None
@@ -133,6 +148,28 @@ def _error_event(response: JSONResponse) -> str:
     return f"data: {response.body.decode()}\n\n"
 
 
+async def _all_or_none(coroutines: list) -> list:
+    """Runs the coroutines concurrently; their results in order, or the first failure once the others are
+    cancelled (as they are when the caller is), so a failed or abandoned beam search stops at once."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    if not tasks:
+        return []
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+    return [task.result() for task in tasks]
+
+
+class _StepFailed(Exception):
+    """An engine step of a beam search that ended in an error."""
+
+
 @app.exception_handler(RayError)
 async def _engine_call_failed(request: Request, exc: Exception) -> JSONResponse:
     """An engine call outside the generation path (its limits, say) that was refused or failed."""
@@ -154,12 +191,14 @@ class Ingress:
         self.model_name = served_model_name
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.max_model_len: int | None = None
+        self.engine_info: dict[str, Any] | None = None
         self._limits_lock = asyncio.Lock()
 
     async def _limits(self) -> int:
         async with self._limits_lock:  # one engine call fetches them, however many requests arrive first
-            if self.max_model_len is None:
-                self.max_model_len = (await self.engine.info.remote())["max_model_len"]
+            if self.engine_info is None:
+                self.engine_info = await self.engine.info.remote()
+                self.max_model_len = self.engine_info["max_model_len"]
         return self.max_model_len
 
     def _unknown_model(self, model: str | None) -> JSONResponse | None:
@@ -241,6 +280,8 @@ class Ingress:
                 field = "messages" if chat else "prompt"
                 return _error(400, f"This model's maximum context length is {max_model_len} tokens, but the "
                                    f"prompt has {len(ids)} tokens (at least one must be left for the output)", param=field)
+        if body.use_beam_search:
+            return await self._serve_beam_search(body, prompts, chat, max_model_len)
         try:
             params = [body.to_sampling_params(max_model_len - len(ids)) for _, ids in prompts]
         except p.InvalidRequestError as exc:
@@ -276,6 +317,110 @@ class Ingress:
             _cancel(streams)
             return _engine_error(exc)
         return self._full_response(body, request_ids[0], outputs, params, chat, prompts)
+
+    # ------------------------------------------------------------------ beam search
+    async def _serve_beam_search(
+        self, body: Any, prompts: list[tuple[str | None, list[int]]], chat: bool, max_model_len: int
+    ) -> Any:
+        """A `use_beam_search` request: each prompt's search runs here, every step an engine call per live beam."""
+        try:
+            params = [body.to_beam_search_params(max_model_len - len(ids)) for _, ids in prompts]
+        except p.InvalidRequestError as exc:
+            return _error(400, str(exc), param=exc.param)
+        info = self.engine_info
+        eos = info["eos_token_ids"]
+        wanted = step_logprobs(params[0], eos, info["vocab_size"])
+        cap = info["max_logprobs"]
+        if cap != -1 and wanted > cap:
+            field = body.beam_width_field
+            return _error(400, f"{field}: a beam width of {params[0].beam_width} needs {wanted} candidate logprobs "
+                               f"per beam and step, but this engine's max_logprobs is {cap}; lower {field}",
+                          param=field)
+        # As `LLM.beam_search` asks each step (temperature 0: the beam search of transformers).
+        step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=wanted, ignore_eos=True)
+        response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        call_ids = itertools.count()
+
+        async def one(token_ids: list[int]) -> PositionLogprobs:
+            stream = self.engine.options(stream=True).generate.remote(
+                f"{response_id}-{next(call_ids)}", None, step_params, token_ids)
+            entry = None
+            try:
+                async for delta in stream:
+                    if delta.error:
+                        raise _StepFailed(delta.error)
+                    for c in delta.outputs:
+                        if c.logprobs:
+                            entry = c.logprobs[0]
+            except BaseException:  # failed, or the client left: stop the call
+                _cancel([stream])
+                raise
+            if entry is None:
+                raise _StepFailed("the engine returned no logprobs")
+            return entry
+
+        async def step(inputs: list[list[int]]) -> list[PositionLogprobs]:
+            return await _all_or_none([one(ids) for ids in inputs])
+
+        try:
+            results = await _all_or_none([
+                beam_search_async(step, [ids], sp, eos, max_model_len) for (_, ids), sp in zip(prompts, params)
+            ])
+        except _StepFailed as exc:
+            return _error(500, f"the engine failed this request: {exc}", type_="internal_error")
+        except ValueError as exc:  # refused when added (Ray re-raises the engine's ValueError as a subclass)
+            refusal = body.engine_refusal(str(getattr(exc, "cause", None) or exc))
+            return _error(400, str(refusal), param=refusal.param)
+        except Exception as exc:  # refused for capacity (503), or the engine failed (500)
+            return _engine_error(exc)
+        beams = [prompt_beams[: body.n] for (prompt_beams,) in results]
+        return self._beam_response(body, response_id, prompts, beams, chat)
+
+    def _beam_text(self, body: Any, prompt_ids: list[int], beam: Beam) -> str:
+        """A beam's text, detokenized as the engine (and `LLM.beam_search`) does its outputs."""
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=body.skip_special_tokens)
+        for token_id in beam.token_ids:
+            detokenizer.append(token_id)
+        return detokenizer.final_text()
+
+    def _beam_response(
+        self, body: Any, response_id: str, prompts: list[tuple[str | None, list[int]]], beams: list[list[Beam]],
+        chat: bool,
+    ) -> Any:
+        """The n best beams of each prompt as choices (prompt i's beam j is choice i * n + j); `usage` counts each
+        prompt once and the returned beams' tokens. Streamed: all choices in one chunk."""
+        choices, stream_choices = [], []
+        for prompt_index, ((_, ids), prompt_beams) in enumerate(zip(prompts, beams)):
+            for rank, beam in enumerate(prompt_beams):
+                index, text = prompt_index * body.n + rank, self._beam_text(body, ids, beam)
+                if chat:
+                    choices.append(p.ChatCompletionChoice(index=index, message=p.ChatResponseMessage(content=text),
+                                                          finish_reason=beam.finish_reason))
+                    stream_choices.append(p.ChatCompletionStreamChoice(
+                        index=index, delta=p.DeltaMessage(role="assistant", content=text),
+                        finish_reason=beam.finish_reason))
+                else:
+                    choices.append(p.CompletionChoice(index=index, text=text, finish_reason=beam.finish_reason))
+        usage = p.UsageInfo.of(sum(len(ids) for _, ids in prompts),
+                               sum(len(beam.token_ids) for prompt_beams in beams for beam in prompt_beams))
+        model = self.model_name
+        if not body.stream:
+            if chat:
+                return p.ChatCompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
+            return p.CompletionResponse(id=response_id, model=model, choices=choices, usage=usage)
+        chunk_cls = p.ChatCompletionStreamResponse if chat else p.CompletionStreamResponse
+        created = p._now()
+        events = [p.sse_event(chunk_cls(id=response_id, created=created, model=model,
+                                        choices=stream_choices if chat else choices))]
+        if body.include_usage:
+            events.append(p.sse_event(chunk_cls(id=response_id, created=created, model=model, choices=[], usage=usage)))
+        events.append(p.SSE_DONE)
+
+        async def send() -> AsyncIterator[str]:
+            for event in events:
+                yield event
+
+        return StreamingResponse(send(), media_type="text/event-stream")
 
     # ------------------------------------------------------------------ response building
     def _decode_token(self, token_id: int) -> str:

@@ -106,8 +106,13 @@ def _train_backend_tokenizer(vocab_size: int) -> Any:
     return tok
 
 
-def build_tokenizer(out_dir: str | Path, vocab_size: int = TINY_VOCAB_SIZE) -> "PreTrainedTokenizerFast":
-    """Trains the built-in tokenizer, saves it to `out_dir` (tokenizer.json + config files) and returns it."""
+def build_tokenizer(
+    out_dir: str | Path, vocab_size: int = TINY_VOCAB_SIZE, pad_to: int | None = None
+) -> "PreTrainedTokenizerFast":
+    """Trains the built-in tokenizer, saves it to `out_dir` (tokenizer.json + config files) and returns it.
+
+    `pad_to` fills the vocabulary up with plain tokens `<|extra_N|>`, for model shapes with a large vocabulary
+    (a random model draws every id; each must decode to text)."""
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
@@ -122,6 +127,8 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = TINY_VOCAB_SIZE) -> "
         model_max_length=512,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    if pad_to is not None and pad_to > len(tokenizer):
+        tokenizer.add_tokens([f"<|extra_{i}|>" for i in range(pad_to - len(tokenizer))])
     tokenizer.save_pretrained(str(out))
     _write_compat_tokenizer_files(out)
     return tokenizer
@@ -151,6 +158,11 @@ _SIZES: dict[str, dict[str, Any]] = {
     "small": dict(
         hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=688
     ),
+    # The CPU benchmark shape (issue 7): about 56M parameters, a Llama-2-sized vocabulary.
+    "llama-56m": dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408,
+        vocab_size=32000,
+    ),
 }
 
 # Per-matrix gains for std = gain / sqrt(fan_in), so every size behaves alike. Sharper-than-default q/k make
@@ -174,7 +186,7 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
     if size not in _SIZES:
         raise ValueError(f"Unknown tiny size {size!r}; choose one of {tuple(_SIZES)}")
     kwargs: dict[str, Any] = dict(
-        _SIZES[size],
+        {k: v for k, v in _SIZES[size].items() if k != "vocab_size"},
         vocab_size=vocab_size,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
@@ -241,7 +253,7 @@ def build_tiny_checkpoint(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
-    tokenizer = build_tokenizer(out)
+    tokenizer = build_tokenizer(out, pad_to=config_overrides.get("vocab_size", _SIZES.get(size, {}).get("vocab_size")))
     special_ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )

@@ -9,6 +9,7 @@ whose K/V the caller has already written).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from rayinfer.kernels.triton_compat import tl, triton
 
@@ -65,6 +66,20 @@ def _attend(
     return out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim).to(q.dtype)
 
 
+def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """`_attend` without soft-capping or ALiBi, through torch's fused attention: on CPU several times faster for
+    batched decodes (no broadcast copies of K/V per query head, one multi-threaded kernel)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    mask = allowed[:, None]
+    try:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    except TypeError:  # torch < 2.5: no enable_gqa, so repeat K/V per query head
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, seq_lens: torch.Tensor, window: int | None) -> torch.Tensor:
     """q_pos [B, Lq], k_pos [Lk], seq_lens [B] -> [B, Lq, Lk] causal (and sliding-window) visibility."""
     k = k_pos[None, None, :]
@@ -105,6 +120,8 @@ def paged_attention_reference(
     def attend(q_rows, k, v, q_pos, lens):
         k_pos = torch.arange(k.shape[1], device=device)
         allowed = _allowed(q_pos, k_pos, lens, sliding_window)
+        if soft_cap is None and alibi_slopes is None:
+            return _attend_sdpa(q_rows, k, v, allowed, scale)
         bias = (k_pos[None, None, :] - q_pos[:, :, None]) if alibi_slopes is not None else None
         return _attend(q_rows, k, v, allowed, scale, soft_cap, bias, alibi_slopes)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 # Prompt tokens decoded ahead of the first output token so it gets its context (leading spaces etc.).
@@ -104,10 +105,23 @@ class IncrementalDetokenizer:
         return self.output_text + tail
 
 
+# Per tokenizer object: building the set walks every added token, which takes ~0.2 s for a 32k-entry table.
+_special_ids_cache: "weakref.WeakKeyDictionary[Any, frozenset[int]]" = weakref.WeakKeyDictionary()
+
+
 def _special_ids(tokenizer: Any) -> frozenset[int]:
     """Ids the tokenizer drops on decode(skip_special_tokens=True): special added tokens and named specials."""
+    try:
+        return _special_ids_cache[tokenizer]
+    except (KeyError, TypeError):
+        pass
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     for token_id, added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items():
         if getattr(added, "special", False):
             ids.add(int(token_id))
-    return frozenset(ids)
+    result = frozenset(ids)
+    try:
+        _special_ids_cache[tokenizer] = result
+    except TypeError:  # not weak-referenceable: no caching
+        pass
+    return result

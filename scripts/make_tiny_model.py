@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", choices=SUPPORTED_TINY_ARCHS, default="llama")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
-    parser.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    parser.add_argument("--size", choices=("tiny", "small", "llama-56m"), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-shard-size", default=None, help="e.g. 200KB: write a sharded checkpoint with an index")
     args = parser.parse_args(argv)

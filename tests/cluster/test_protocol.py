@@ -468,3 +468,26 @@ def test_logprobs_response_shapes() -> None:
                      "top_logprobs": [{"token": "a", "logprob": -0.5, "bytes": [97]}]}
     streamed = ChatCompletionStreamChoice(index=0, delta=DeltaMessage(content="a"), logprobs=content)
     assert streamed.model_dump()["logprobs"]["content"][0]["token"] == "a"
+
+
+def test_use_beam_search_maps_to_beam_search_params() -> None:
+    req = CompletionRequest.model_validate({"prompt": "x", "use_beam_search": True, "n": 2, "best_of": 3,
+                                           "length_penalty": 0.5, "ignore_eos": True, "seed": 1})
+    bp = req.to_beam_search_params(default_max_tokens=10)  # the implicit 16 shrinks to the room left
+    assert (bp.beam_width, bp.max_tokens, bp.length_penalty, bp.ignore_eos) == (3, 10, 0.5, True)
+    assert req.beam_width_field == "best_of"
+    msgs = [{"role": "user", "content": "x"}]
+    chat = ChatCompletionRequest.model_validate({"messages": msgs, "use_beam_search": True, "n": 4,
+                                                 "temperature": 0, "max_completion_tokens": 5})
+    bp = chat.to_beam_search_params(default_max_tokens=100)
+    assert (bp.beam_width, bp.max_tokens, bp.length_penalty) == (4, 5, 1.0) and chat.beam_width_field == "n"
+    for patch, param in [({"temperature": 0.5}, "temperature"), ({"top_k": 5}, "top_k"),
+                         ({"best_of": 1, "n": 2}, "best_of"), ({"n": 0}, "n"), ({"echo": True}, "echo"),
+                         ({"length_penalty": float("inf")}, "length_penalty"), ({"max_tokens": 11}, "max_tokens")]:
+        body = CompletionRequest.model_validate({"prompt": "x", "use_beam_search": True, **patch})
+        with pytest.raises(InvalidRequestError) as exc:
+            body.to_beam_search_params(default_max_tokens=10)
+        assert exc.value.param == param, (patch, exc.value)
+    # chat takes best_of too (a vLLM extra), for sampling as for beam search
+    best = ChatCompletionRequest.model_validate({"messages": msgs, "n": 2, "best_of": 3, "temperature": 1.0})
+    assert best.to_sampling_params(default_max_tokens=8).num_sequences == 3

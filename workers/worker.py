@@ -21,7 +21,7 @@ from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.model_runner import ModelRunner
 from rayinfer.workers.parallel_state import set_tensor_parallel_group
-from rayinfer.workers.device import resolve_device, resolve_dtype
+from rayinfer.workers.device import resolve_device, resolve_dtype, use_cpu_cores
 from rayinfer.workers.weight_loader import build_model
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,10 @@ class Worker:
         max_num_batched_tokens: int,
         rank: int = 0,
         world_size: int = 1,
+        claim_cpu_cores: bool = False,
     ) -> None:
+        """`claim_cpu_cores`: a worker actor of a CPU engine takes its share of the cores as torch threads (Ray
+        starts it with one); an in-process worker keeps whatever its host process set."""
         self.config = config
         self.spec = spec
         self.max_model_len = max_model_len
@@ -93,6 +96,8 @@ class Worker:
         self.world_size = world_size
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, spec, self.device)
+        if self.device.type == "cpu" and claim_cpu_cores:
+            use_cpu_cores(world_size)
         self.sequences = SequenceStates()
         self.runner: ModelRunner | None = None
         self.model: torch.nn.Module | None = None

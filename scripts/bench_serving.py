@@ -555,46 +555,44 @@ async def send_request(session, cfg: ClientConfig, spec: RequestSpec) -> Request
                 text = await response.text(errors="replace")
                 result.error = f"HTTP {response.status}: {text.strip()[:1000]}"
                 return result
+            state = {"usage": None, "bad": "", "error": None}
+
+            def consume(payload: str, at: float) -> bool:
+                """Takes one event; True once the stream is over ([DONE] or an error event)."""
+                payload = payload.strip()
+                if not payload:
+                    return False
+                if payload == "[DONE]":
+                    return True
+                try:
+                    info = parse_chunk(json.loads(payload))
+                except json.JSONDecodeError:
+                    state["bad"] = state["bad"] or payload[:200]
+                    return False
+                if info.error is not None:
+                    state["error"] = f"error event: {info.error}"[:1000]
+                    return True
+                state["usage"] = info.usage or state["usage"]
+                if info.finish_reason:
+                    result.finish_reason = info.finish_reason
+                if info.tokens:
+                    add_tokens(at, info.num_tokens)
+                return False
+
             done = False
             async for data in response.content.iter_any():
-                now = time.perf_counter()
-                end = now
-                for payload in parser.feed(data):
-                    payload = payload.strip()
-                    if payload == "[DONE]":
-                        done = True
-                        break
-                    try:
-                        info = parse_chunk(json.loads(payload))
-                    except json.JSONDecodeError:
-                        bad_payload = bad_payload or payload[:200]
-                        continue
-                    if info.error is not None:
-                        result.error = f"error event: {info.error}"[:1000]
-                        return result
-                    if info.usage is not None:
-                        usage = info.usage
-                    if info.finish_reason:
-                        result.finish_reason = info.finish_reason
-                    if info.tokens:
-                        add_tokens(now, info.num_tokens)
-                if done:
+                end = time.perf_counter()
+                if any(consume(payload, end) for payload in parser.feed(data)):
+                    done = True
                     break
             if not done:
-                for payload in parser.close():
-                    payload = payload.strip()
-                    if payload and payload != "[DONE]":
-                        try:
-                            info = parse_chunk(json.loads(payload))
-                        except json.JSONDecodeError:
-                            bad_payload = bad_payload or payload[:200]
-                            continue
-                        if info.error is not None:
-                            result.error = f"error event: {info.error}"[:1000]
-                            return result
-                        usage = info.usage or usage
-                        if info.tokens:
-                            add_tokens(end, info.num_tokens)
+                for payload in parser.close():  # a server that closes without [DONE] (transformers serve)
+                    if consume(payload, end):
+                        break
+            usage, bad_payload = state["usage"], state["bad"]
+            if state["error"] is not None:
+                result.error = state["error"]
+                return result
     except asyncio.TimeoutError:
         result.error = f"timed out after {time.perf_counter() - start:.1f} s"
         return result

@@ -49,6 +49,33 @@ def llama_dir(tiny_checkpoint) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hf_llama(llama_dir: Path):
+    """transformers' model of the tiny Llama checkpoint, float32, for tests that compare logits with it."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def stream_deltas():
+    """Returns run(engine, params) -> (deltas, final output): steps the engine to the end, passing every output
+    of its (single) request through a DeltaTracker as a streaming client would see it."""
+    from rayinfer.scheduler.output_stream import DeltaTracker
+
+    def run(engine, params):
+        tracker, deltas, final = DeltaTracker(params), [], None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                delta = tracker.delta(out)
+                if delta is not None:
+                    deltas.append(delta)
+                final = out
+        return deltas, final
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def hf_greedy():
     """transformers' greedy continuation of each prompt (see `_hf_greedy`), the reference every engine test uses."""
     return _hf_greedy

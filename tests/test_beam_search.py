@@ -23,12 +23,6 @@ def llm(llama_dir: Path) -> LLM:
     return LLM(str(llama_dir), dtype="float32", block_size=4)
 
 
-@pytest.fixture(scope="module")
-def hf_model(llama_dir: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
-
 
 def _hf_beams(model, prompt: list[int], k: int, eos: int | None, **kwargs) -> tuple[list[list[int]], list[float]]:
     """transformers' k beams (generated tokens, cut after an EOS; it pads finished ones) and their scores."""
@@ -48,11 +42,11 @@ def _hf_beams(model, prompt: list[int], k: int, eos: int | None, **kwargs) -> tu
     return beams, out.sequences_scores.tolist()
 
 
-def _check_against_hf(llm: LLM, hf_model, prompt: list[int], k: int, eos: int | None, length_penalty: float,
+def _check_against_hf(llm: LLM, hf_llama, prompt: list[int], k: int, eos: int | None, length_penalty: float,
                       early_stopping: bool | str) -> list[str]:
     params = BeamSearchParams(beam_width=k, max_tokens=MAX_NEW, ignore_eos=eos is None, length_penalty=length_penalty)
     (out,) = llm.beam_search({"prompt_token_ids": prompt}, params)
-    beams, scores = _hf_beams(hf_model, prompt, k, eos, length_penalty=length_penalty, early_stopping=early_stopping)
+    beams, scores = _hf_beams(hf_llama, prompt, k, eos, length_penalty=length_penalty, early_stopping=early_stopping)
     assert [c.token_ids for c in out.outputs] == beams
     ours = [c.cumulative_logprob / len(c.token_ids) ** length_penalty for c in out.outputs]
     assert ours == pytest.approx(scores, abs=1e-4)
@@ -61,15 +55,15 @@ def _check_against_hf(llm: LLM, hf_model, prompt: list[int], k: int, eos: int | 
 
 
 @pytest.mark.parametrize("k", [2, 4])
-def test_beams_equal_transformers_without_eos(llm: LLM, hf_model, k: int) -> None:
+def test_beams_equal_transformers_without_eos(llm: LLM, hf_llama, k: int) -> None:
     tokenizer = llm.get_tokenizer()
     for text in TEXTS:
-        reasons = _check_against_hf(llm, hf_model, tokenizer.encode(text), k, None, 1.0, False)
+        reasons = _check_against_hf(llm, hf_llama, tokenizer.encode(text), k, None, 1.0, False)
         assert reasons == ["length"] * k
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
-def test_beams_equal_transformers_with_eos(llm: LLM, hf_model, monkeypatch, length_penalty: float) -> None:
+def test_beams_equal_transformers_with_eos(llm: LLM, hf_llama, monkeypatch, length_penalty: float) -> None:
     """The random tiny model never picks its own EOS, so a token its beams like stands in for it: beams that end
     there finish, ranked by transformers' score (the EOS counts in the length), with early_stopping="never" (the
     exact stopping rule, which this search uses)."""
@@ -81,7 +75,7 @@ def test_beams_equal_transformers_with_eos(llm: LLM, hf_model, monkeypatch, leng
         eos = free.outputs[1].token_ids[2]
         monkeypatch.setattr(llm.engine, "eos_token_ids", frozenset({eos}))
         for k in (2, 4):
-            reasons += _check_against_hf(llm, hf_model, prompt, k, eos, length_penalty, "never")
+            reasons += _check_against_hf(llm, hf_llama, prompt, k, eos, length_penalty, "never")
         monkeypatch.undo()
     assert "length" in reasons
     if length_penalty <= 1.0:  # (a large penalty favours the long beams that never met the EOS)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from rayinfer.cluster import LLM, Logprob, RequestOutput, SamplingParams
-from rayinfer.scheduler.output_stream import DeltaTracker
 
 TOL = 1e-4
 PROMPT_TEXTS = [
@@ -29,12 +28,6 @@ def llm(llama_dir: Path) -> LLM:
     # A budget of 8 tokens splits every longer prompt into chunks that run beside other sequences' decodes.
     return LLM(str(llama_dir), dtype="float32", max_num_batched_tokens=8)
 
-
-@pytest.fixture(scope="module")
-def hf_model(llama_dir: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
 
 
 def _prompts(llm: LLM, texts: list[str] = PROMPT_TEXTS) -> list[list[int]]:
@@ -63,10 +56,10 @@ def _check_position(entry: dict[int, Logprob], logits: torch.Tensor, token: int,
             assert expected >= kth_best - TOL, "an entry that is not the scored token must be in the top k"
 
 
-def _check_output(out: RequestOutput, prompt: list[int], params: SamplingParams, hf_model, tokenizer) -> None:
+def _check_output(out: RequestOutput, prompt: list[int], params: SamplingParams, hf_llama, tokenizer) -> None:
     for completion in out.outputs:
         ids = prompt + completion.token_ids
-        logits = _hf_logits(hf_model, ids)
+        logits = _hf_logits(hf_llama, ids)
         if params.logprobs is None:
             assert completion.logprobs is None and completion.cumulative_logprob is None
         else:
@@ -80,13 +73,13 @@ def _check_output(out: RequestOutput, prompt: list[int], params: SamplingParams,
         return
     assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt)
     assert out.prompt_logprobs[0] is None
-    logits = _hf_logits(hf_model, prompt)
+    logits = _hf_logits(hf_llama, prompt)
     for position in range(1, len(prompt)):
         entry = out.prompt_logprobs[position]
         _check_position(entry, logits[position - 1], prompt[position], params.prompt_logprobs, tokenizer)
 
 
-def test_logprobs_and_prompt_logprobs_match_transformers(llm: LLM, hf_model) -> None:
+def test_logprobs_and_prompt_logprobs_match_transformers(llm: LLM, hf_llama) -> None:
     prompts = _prompts(llm)
     prompts[0] = prompts[0][-1:]  # a one-token prompt
     asking = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=4, prompt_logprobs=3)
@@ -96,7 +89,7 @@ def test_logprobs_and_prompt_logprobs_match_transformers(llm: LLM, hf_model) -> 
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     tokenizer = llm.get_tokenizer()
     for out, prompt, p in zip(outputs, prompts, params):
-        _check_output(out, prompt, p, hf_model, tokenizer)
+        _check_output(out, prompt, p, hf_llama, tokenizer)
     # logprobs=0 gives exactly the drawn token; the one-token prompt gets [None].
     assert all(len(entry) == 1 for entry in outputs[3].outputs[0].logprobs)
     assert outputs[0].prompt_logprobs == [None]
@@ -130,23 +123,23 @@ def test_logprobs_do_not_depend_on_the_batch(llm: LLM) -> None:
         same(a, b)
 
 
-def test_sampled_request_reports_raw_logprobs(llm: LLM, hf_model) -> None:
+def test_sampled_request_reports_raw_logprobs(llm: LLM, hf_llama) -> None:
     prompt = _prompts(llm)[3]
     params = SamplingParams(
         temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5,
         logit_bias={100: 3.0}, seed=11, max_tokens=10, ignore_eos=True, logprobs=2,
     )
     out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
-    _check_output(out, prompt, params, hf_model, llm.get_tokenizer())
+    _check_output(out, prompt, params, hf_llama, llm.get_tokenizer())
 
 
-def test_logit_bias_forces_a_token_and_logprobs_stay_raw(llm: LLM, hf_model) -> None:
+def test_logit_bias_forces_a_token_and_logprobs_stay_raw(llm: LLM, hf_llama) -> None:
     prompt = _prompts(llm)[2]
     forced = 100
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logit_bias={forced: 100.0}, logprobs=1)
     out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
     assert out.outputs[0].token_ids == [forced] * 5
-    _check_output(out, prompt, params, hf_model, llm.get_tokenizer())
+    _check_output(out, prompt, params, hf_llama, llm.get_tokenizer())
     assert all(entry[forced].rank > 1 for entry in out.outputs[0].logprobs)  # it only won through the bias
     # A strong negative bias bans the greedy choice.
     greedy = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
@@ -155,31 +148,24 @@ def test_logit_bias_forces_a_token_and_logprobs_stay_raw(llm: LLM, hf_model) -> 
     assert llm.generate({"prompt_token_ids": prompt}, banned, use_tqdm=False)[0].outputs[0].token_ids[0] != first
 
 
-def test_allowed_token_ids_restrict_greedy_output(llm: LLM, hf_model) -> None:
+def test_allowed_token_ids_restrict_greedy_output(llm: LLM, hf_llama) -> None:
     prompt = _prompts(llm)[4]
     allowed = [50, 60, 70, 80, 90]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, allowed_token_ids=allowed)
     tokens = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0].token_ids
     assert set(tokens) <= set(allowed)
-    logits = _hf_logits(hf_model, prompt + tokens)
+    logits = _hf_logits(hf_llama, prompt + tokens)
     for i, token in enumerate(tokens):  # each is the best allowed token under the model
         row = logits[len(prompt) - 1 + i]
         assert token == allowed[int(row[allowed].argmax())]
 
 
-def test_streamed_deltas_carry_logprobs_once(llm: LLM) -> None:
+def test_streamed_deltas_carry_logprobs_once(llm: LLM, stream_deltas) -> None:
     engine = llm.engine
     prompt = _prompts(llm)[3]
     params = SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     engine.add_request("stream-logprobs", None, params, prompt_token_ids=prompt)
-    tracker = DeltaTracker(params)
-    deltas, final = [], None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            delta = tracker.delta(out)
-            if delta is not None:
-                deltas.append(delta)
-            final = out
+    deltas, final = stream_deltas(engine, params)
     tokens = [t for d in deltas for c in d.outputs for t in c.token_ids]
     logprobs = [lp for d in deltas for c in d.outputs for lp in c.logprobs]
     assert tokens == final.outputs[0].token_ids
@@ -190,15 +176,15 @@ def test_streamed_deltas_carry_logprobs_once(llm: LLM) -> None:
     assert deltas[-1].outputs[0].cumulative_logprob == pytest.approx(final.outputs[0].cumulative_logprob)
 
 
-def test_n_sequences_each_get_logprobs_and_prompt_logprobs_once(llm: LLM, hf_model) -> None:
+def test_n_sequences_each_get_logprobs_and_prompt_logprobs_once(llm: LLM, hf_llama) -> None:
     prompt = _prompts(llm)[3]
     params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True, logprobs=2, prompt_logprobs=2)
     out = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
     assert len(out.outputs) == 3
-    _check_output(out, prompt, params, hf_model, llm.get_tokenizer())
+    _check_output(out, prompt, params, hf_llama, llm.get_tokenizer())
 
 
-def test_preemption_records_each_logprob_once(llama_dir: Path, hf_model) -> None:
+def test_preemption_records_each_logprob_once(llama_dir: Path, hf_llama) -> None:
     from rayinfer.workers.kv_pool import bytes_per_block
     from rayinfer.workers.model_config import load_model_spec
 
@@ -212,7 +198,7 @@ def test_preemption_records_each_logprob_once(llama_dir: Path, hf_model) -> None
     assert llm.engine.scheduler.num_preemptions > 0
     tokenizer = llm.get_tokenizer()
     for out, prompt in zip(outputs, prompts):
-        _check_output(out, prompt, params, hf_model, tokenizer)
+        _check_output(out, prompt, params, hf_llama, tokenizer)
     assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
 
 

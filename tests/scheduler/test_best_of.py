@@ -91,16 +91,10 @@ def test_best_of_sequences_share_the_prompt_and_keep_only_the_sum(engine: Engine
     assert engine.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_a_best_of_stream_sends_only_the_final_output(engine: Engine, prompt: list[int]) -> None:
+def test_a_best_of_stream_sends_only_the_final_output(engine: Engine, prompt: list[int], stream_deltas) -> None:
     params = SamplingParams(n=2, best_of=3, **BASE)
     engine.add_request("stream", None, params, prompt_token_ids=prompt)
-    tracker, deltas, final = DeltaTracker(params), [], None
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            delta = tracker.delta(out)
-            if delta is not None:
-                deltas.append(delta)
-            final = out
+    deltas, final = stream_deltas(engine, params)
     assert len(deltas) == 1 and deltas[0].finished
     assert [(c.index, c.token_ids, c.text) for c in deltas[0].outputs] == [
         (c.index, c.token_ids, c.text) for c in final.outputs

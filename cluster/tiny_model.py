@@ -1,4 +1,4 @@
-"""Built-in tiny checkpoints: a real byte-level BPE tokenizer and random-weight Llama/Mistral/Qwen2 models.
+"""Built-in tiny checkpoints: a real byte-level BPE tokenizer and random-weight models of every supported family.
 
 Everything is built offline and deterministically, so tests and examples never need the model hub and the same
 arguments always give byte-identical files.
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # transformers is heavy; import it only when a checkpoint is 
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2")
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -172,6 +172,7 @@ _GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head":
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
 _NORM_STD = 0.2
+_QK_NORM_CENTER = 2.0
 _EMBED_STD = 1.0
 _EOS_ROW_SCALE = 0.05  # EOS logit ~0 while the top logit is ~3 std up: random generations rarely stop early
 INITIALIZER_RANGE = 0.1  # recorded in config.json; the weights themselves come from _spread_init
@@ -179,7 +180,7 @@ INITIALIZER_RANGE = 0.1  # recorded in config.json; the weights themselves come 
 
 def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, int], overrides: dict[str, Any]) -> Any:
     """Builds the transformers config; `overrides` win over the size preset (e.g. num_key_value_heads=1)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
 
     if arch not in SUPPORTED_TINY_ARCHS:
         raise ValueError(f"Unknown tiny arch {arch!r}; choose one of {SUPPORTED_TINY_ARCHS}")
@@ -197,7 +198,7 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
     )
     if arch == "mistral":
         kwargs["sliding_window"] = None  # a 4096 window over a 512 context is a no-op; override to exercise it
-    if arch == "qwen2" and overrides.get("sliding_window") is not None:
+    if arch in ("qwen2", "qwen3") and overrides.get("sliding_window") is not None:
         kwargs["use_sliding_window"] = True  # Qwen2 ignores sliding_window unless this flag is on
         kwargs["max_window_layers"] = 0  # ...and only applies it to layers >= max_window_layers
     if "rope_scaling" in overrides:  # legacy spelling: fold it into rope_parameters (transformers 5 style)
@@ -208,7 +209,14 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
     if "rope_theta" in overrides:
         kwargs["rope_parameters"] = {**kwargs["rope_parameters"], "rope_theta": float(overrides.pop("rope_theta"))}
     kwargs.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    cls = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "granite": GraniteConfig,
+        "olmo2": Olmo2Config,
+    }[arch]
     return cls(**kwargs)
 
 
@@ -233,7 +241,9 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 if module.bias is not None:
                     module.bias.normal_(0.0, _BIAS_STD)
             elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
-                module.weight.normal_(1.0, _NORM_STD)
+                # q/k norms (Qwen3, Olmo2) undo the q/k gains above; larger weights restore the sharp attention.
+                center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") else 1.0
+                module.weight.normal_(center, _NORM_STD * center)
         head = model.get_output_embeddings().weight
         if tied:  # unit-std rows would give logits of std sqrt(hidden): far too peaked for sampling tests
             head.mul_(_GAINS["lm_head"] / math.sqrt(head.shape[1]))

@@ -46,6 +46,11 @@ class ModelSpec:
     checkpoint_dtype: torch.dtype
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    # Scalar multipliers some families put in config.json (Granite); the defaults leave a model unchanged.
+    embedding_multiplier: float = 1.0  # scales the token embeddings
+    residual_multiplier: float = 1.0  # scales each sublayer's output before its residual add
+    attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    logits_divisor: float = 1.0  # the logits are divided by it (Granite's logits_scaling)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -88,16 +93,20 @@ def _rope_spec(cfg: dict[str, Any], head_dim: int) -> RopeSpec:
     )
 
 
+# Families whose sliding_window only applies with use_sliding_window, to the layers from max_window_layers on.
+_QWEN_SLIDING = ("qwen2", "qwen3")
+
+
 def _sliding_windows(cfg: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
-    if cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False):
+    if cfg.get("model_type") in _QWEN_SLIDING and not cfg.get("use_sliding_window", False):
         window = None
     if window is None:
         return (None,) * num_layers
     if layer_types:
         return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
-    if cfg.get("model_type") == "qwen2":
+    if cfg.get("model_type") in _QWEN_SLIDING:
         first_sliding = int(cfg.get("max_window_layers", num_layers))
         return tuple(window if i >= first_sliding else None for i in range(num_layers))
     return (int(window),) * num_layers
@@ -144,8 +153,16 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         checkpoint_dtype=_DTYPES.get(str(dtype_name), torch.float32),
         eos_token_ids=tuple(dict.fromkeys(eos)),
         bos_token_id=generation.get("bos_token_id", cfg.get("bos_token_id")),
+        embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
+        attention_scale=None if cfg.get("attention_multiplier") is None else float(cfg["attention_multiplier"]),
+        logits_divisor=float(cfg.get("logits_scaling", 1.0)),
         raw=cfg,
     )
+
+
+# Architectures whose q/k RMSNorm spans every head of the projection: a rank holding some heads cannot compute it.
+WHOLE_QK_NORM_ARCHITECTURES = ("Olmo2ForCausalLM",)
 
 
 def check_tensor_parallel(spec: ModelSpec, tp_size: int) -> None:
@@ -160,6 +177,12 @@ def check_tensor_parallel(spec: ModelSpec, tp_size: int) -> None:
         problems.append(f"num_key_value_heads ({kv}) (must divide or be divisible by it)")
     if spec.intermediate_size % tp_size:
         problems.append(f"intermediate_size ({spec.intermediate_size})")
+    if spec.architecture in WHOLE_QK_NORM_ARCHITECTURES:
+        raise ValueError(
+            f"tensor_parallel_size {tp_size}: {spec.architecture} normalises q and k over all heads at once "
+            "(q_norm/k_norm over the whole projection), which this engine does not split across ranks; "
+            "use tensor_parallel_size 1"
+        )
     if problems:
         raise ValueError(
             f"tensor_parallel_size {tp_size} cannot split this model: {', '.join(problems)} "

@@ -26,12 +26,14 @@ class AttentionMetadata:
 class PagedAttention(nn.Module):
     """Writes this step's K/V into the layer's pool, then attends over it. `kv_cache` is bound by the runner."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None, scale: float | None = None
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 

@@ -5,11 +5,16 @@ from torch import nn
 
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.llama import LlamaForCausalLM
+from rayinfer.workers.models.olmo2 import Olmo2ForCausalLM
+from rayinfer.workers.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "GraniteForCausalLM": LlamaForCausalLM,  # the multipliers come from ModelSpec
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
 }
 
 

@@ -1,4 +1,9 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2): pre-norm blocks, GQA attention with rotary, SwiGLU MLP."""
+"""Llama-family decoder (Llama, Mistral, Qwen2, Granite): pre-norm blocks, GQA attention with rotary, SwiGLU MLP.
+
+Granite is this model plus the scalar multipliers of `ModelSpec` (embedding, residual, attention scale, logits
+divisor), which are 1 / default for the other families. Qwen3 and Olmo2 subclass the pieces here (see
+`attention_cls`, `layer_cls`, `model_cls` and `LlamaAttention.norm_qk`).
+"""
 from __future__ import annotations
 
 import torch
@@ -26,11 +31,20 @@ class LlamaAttention(nn.Module):
         self.head_dim = spec.head_dim
         self.o_proj = RowParallelLinear(spec.num_heads * spec.head_dim, spec.hidden_size, bias=spec.o_bias)
         self.attn = PagedAttention(
-            self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, spec.head_dim, spec.sliding_windows[layer_index]
+            self.qkv_proj.num_heads,
+            self.qkv_proj.num_kv_heads,
+            spec.head_dim,
+            spec.sliding_windows[layer_index],
+            scale=spec.attention_scale,
         )
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook for q/k normalisation before rotary; q [T, heads * head_dim], k [T, kv_heads * head_dim]."""
+        return q, k
 
     def forward(self, x: torch.Tensor, rope: RopeTables, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.norm_qk(q, k)
         tokens = x.shape[0]
         q = q.reshape(tokens, -1, self.head_dim)
         k = k.reshape(tokens, -1, self.head_dim)
@@ -53,12 +67,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
     def __init__(self, spec: ModelSpec, layer_index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = LlamaAttention(spec, layer_index)
+        self.self_attn = self.attention_cls(spec, layer_index)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = LlamaMLP(spec)
+        self.residual_multiplier = spec.residual_multiplier
 
     def forward(
         self,
@@ -72,21 +89,31 @@ class LlamaDecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, rope, meta)
+        if self.residual_multiplier != 1.0:  # Granite: residual + sublayer(x) * residual_multiplier
+            x = x * self.residual_multiplier
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x = self.mlp(x)
+        if self.residual_multiplier != 1.0:
+            x = x * self.residual_multiplier
+        return x, residual
 
 
 class LlamaModel(nn.Module):
+    layer_cls: type[nn.Module] = LlamaDecoderLayer
+
     def __init__(self, spec: ModelSpec, max_len: int) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(spec, i) for i in range(spec.num_layers))
+        self.embedding_multiplier = spec.embedding_multiplier
+        self.layers = nn.ModuleList(self.layer_cls(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(spec.rope, max_len)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         rope = self.rotary_emb(meta.positions, meta.rope_lengths)
         x, residual = self.embed_tokens(input_ids), None
+        if self.embedding_multiplier != 1.0:
+            x = x * self.embedding_multiplier
         for layer in self.layers:
             x, residual = layer(x, residual, rope, meta)
         x, _ = self.norm(x, residual)
@@ -94,6 +121,7 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    model_cls: type[LlamaModel] = LlamaModel
     # Checkpoint names that land inside one of our merged parameters, and which part of it they fill.
     packed_modules = {
         "q_proj": ("qkv_proj", "q"),
@@ -106,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, max_len: int) -> None:
         super().__init__()
         self.spec = spec
-        self.model = LlamaModel(spec, max_len)
+        self.model = self.model_cls(spec, max_len)
         self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -119,4 +147,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head.compute_logits(hidden)
+        logits = self.lm_head.compute_logits(hidden)
+        if self.spec.logits_divisor != 1.0:  # Granite's logits_scaling
+            logits = logits / self.spec.logits_divisor
+        return logits

@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # transformers is heavy; import it only when a checkpoint is 
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2")
+SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma", "gemma2")
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -174,13 +174,23 @@ _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one o
 _NORM_STD = 0.2
 _QK_NORM_CENTER = 2.0
 _EMBED_STD = 1.0
+_SCALED_TIED_EMBED_SHRINK = 16.0  # see _spread_init: tied heads of models that scale their embeddings (Gemma)
 _EOS_ROW_SCALE = 0.05  # EOS logit ~0 while the top logit is ~3 std up: random generations rarely stop early
 INITIALIZER_RANGE = 0.1  # recorded in config.json; the weights themselves come from _spread_init
 
 
 def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, int], overrides: dict[str, Any]) -> Any:
     """Builds the transformers config; `overrides` win over the size preset (e.g. num_key_value_heads=1)."""
-    from transformers import GraniteConfig, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        GemmaConfig,
+        GraniteConfig,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
     if arch not in SUPPORTED_TINY_ARCHS:
         raise ValueError(f"Unknown tiny arch {arch!r}; choose one of {SUPPORTED_TINY_ARCHS}")
@@ -201,6 +211,13 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
     if arch in ("qwen2", "qwen3") and overrides.get("sliding_window") is not None:
         kwargs["use_sliding_window"] = True  # Qwen2 ignores sliding_window unless this flag is on
         kwargs["max_window_layers"] = 0  # ...and only applies it to layers >= max_window_layers
+    if arch in ("gemma", "gemma2"):
+        # Gemma's defaults are the 256-wide heads of the real models and tied embeddings (its checkpoints tie).
+        head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+        kwargs.update(head_dim=head_dim, tie_word_embeddings=True)
+        if arch == "gemma2":  # its 4096 window is a no-op over a 512 context: override sliding_window to exercise it
+            # Not head_dim, so a scale taken from head_dim shows; the sharper attention also keeps outputs varied.
+            kwargs.update(query_pre_attn_scalar=head_dim // 2)
     if "rope_scaling" in overrides:  # legacy spelling: fold it into rope_parameters (transformers 5 style)
         scaling = dict(overrides.pop("rope_scaling") or {})
         if "type" in scaling and "rope_type" not in scaling:
@@ -216,6 +233,8 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         "qwen3": Qwen3Config,
         "granite": GraniteConfig,
         "olmo2": Olmo2Config,
+        "gemma": GemmaConfig,
+        "gemma2": Gemma2Config,
     }[arch]
     return cls(**kwargs)
 
@@ -243,10 +262,21 @@ def _spread_init(model: Any, eos_id: int) -> None:
             elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
                 # q/k norms (Qwen3, Olmo2) undo the q/k gains above; larger weights restore the sharp attention.
                 center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") else 1.0
-                module.weight.normal_(center, _NORM_STD * center)
+                offset = 1.0 if type(module).__name__.startswith("Gemma") else 0.0  # Gemma scales by 1 + weight
+                module.weight.normal_(center - offset, _NORM_STD * center)
         head = model.get_output_embeddings().weight
         if tied:  # unit-std rows would give logits of std sqrt(hidden): far too peaked for sampling tests
             head.mul_(_GAINS["lm_head"] / math.sqrt(head.shape[1]))
+            # Gemma multiplies the embeddings by sqrt(hidden): so large an input makes the tied head echo the
+            # current token (greedy output loops on it). Shrink the shared rows (beyond undoing that factor) and
+            # grow the final norm's scale by as much, so the logits keep their spread.
+            embed_scale = float(getattr(model.get_input_embeddings(), "scalar_embed_scale", 1.0))
+            final_norm = getattr(model.base_model, "norm", None)
+            if embed_scale != 1.0 and final_norm is not None:
+                shrink = embed_scale * _SCALED_TIED_EMBED_SHRINK
+                head.div_(shrink)
+                offset = 1.0 if type(final_norm).__name__.startswith("Gemma") else 0.0
+                final_norm.weight.add_(offset).mul_(shrink).sub_(offset)
         head[eos_id].mul_(_EOS_ROW_SCALE)
 
 

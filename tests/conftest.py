@@ -81,11 +81,16 @@ def hf_greedy():
     return _hf_greedy
 
 
-def _hf_greedy(model_dir: Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' greedy continuation of each prompt, run one prompt at a time (no padding), in float32."""
+def _hf_greedy(
+    model_dir: Path, prompts: list[list[int]], max_new_tokens: int, attn_implementation: str | None = None
+) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, run one prompt at a time (no padding), in float32.
+
+    attn_implementation: passed to from_pretrained when given (Gemma 2's soft-capping needs "eager")."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **kwargs).eval()
     outputs = []
     with torch.inference_mode():
         for prompt in prompts:

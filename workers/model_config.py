@@ -51,6 +51,9 @@ class ModelSpec:
     residual_multiplier: float = 1.0  # scales each sublayer's output before its residual add
     attention_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
     logits_divisor: float = 1.0  # the logits are divided by it (Granite's logits_scaling)
+    # tanh soft-capping (Gemma 2): scores become cap * tanh(score / cap); None: no cap.
+    attn_logit_softcap: float | None = None  # on the scaled attention scores
+    final_logit_softcap: float | None = None  # on the output logits
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -93,6 +96,19 @@ def _rope_spec(cfg: dict[str, Any], head_dim: int) -> RopeSpec:
     )
 
 
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _attention_scale(cfg: dict[str, Any]) -> float | None:
+    """Granite's attention_multiplier is the scale itself; Gemma 2's query_pre_attn_scalar replaces head_dim."""
+    if cfg.get("attention_multiplier") is not None:
+        return float(cfg["attention_multiplier"])
+    if cfg.get("query_pre_attn_scalar") is not None:
+        return float(cfg["query_pre_attn_scalar"]) ** -0.5
+    return None
+
+
 # Families whose sliding_window only applies with use_sliding_window, to the layers from max_window_layers on.
 _QWEN_SLIDING = ("qwen2", "qwen3")
 
@@ -106,6 +122,8 @@ def _sliding_windows(cfg: dict[str, Any], num_layers: int) -> tuple[int | None, 
         return (None,) * num_layers
     if layer_types:
         return tuple(window if kind == "sliding_attention" else None for kind in layer_types)
+    if cfg.get("model_type") == "gemma2":  # configs written before layer_types: even layers slide
+        return tuple(int(window) if i % 2 == 0 else None for i in range(num_layers))
     if cfg.get("model_type") in _QWEN_SLIDING:
         first_sliding = int(cfg.get("max_window_layers", num_layers))
         return tuple(window if i >= first_sliding else None for i in range(num_layers))
@@ -148,15 +166,18 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
         qkv_bias=True if qwen2 else attention_bias,
         o_bias=False if qwen2 else attention_bias,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
-        hidden_act=cfg.get("hidden_act", "silu"),
+        # Gemma names the MLP activation hidden_activation (hidden_act is a legacy, less precise field there).
+        hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"),
         sliding_windows=_sliding_windows(cfg, num_layers),
         checkpoint_dtype=_DTYPES.get(str(dtype_name), torch.float32),
         eos_token_ids=tuple(dict.fromkeys(eos)),
         bos_token_id=generation.get("bos_token_id", cfg.get("bos_token_id")),
         embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
         residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
-        attention_scale=None if cfg.get("attention_multiplier") is None else float(cfg["attention_multiplier"]),
+        attention_scale=_attention_scale(cfg),
         logits_divisor=float(cfg.get("logits_scaling", 1.0)),
+        attn_logit_softcap=_optional_float(cfg.get("attn_logit_softcapping")),
+        final_logit_softcap=_optional_float(cfg.get("final_logit_softcapping")),
         raw=cfg,
     )
 

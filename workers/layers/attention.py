@@ -27,7 +27,13 @@ class PagedAttention(nn.Module):
     """Writes this step's K/V into the layer's pool, then attends over it. `kv_cache` is bound by the runner."""
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None, scale: float | None = None
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        sliding_window: int | None,
+        scale: float | None = None,
+        soft_cap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -35,6 +41,7 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
+        self.soft_cap = soft_cap  # scores become soft_cap * tanh(score / soft_cap) after scaling
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -54,6 +61,7 @@ class PagedAttention(nn.Module):
             meta.seq_lens,
             self.scale,
             self.sliding_window,
+            self.soft_cap,
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
         )

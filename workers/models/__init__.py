@@ -4,6 +4,8 @@ from __future__ import annotations
 from torch import nn
 
 from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.models.gemma import GemmaForCausalLM
+from rayinfer.workers.models.gemma2 import Gemma2ForCausalLM
 from rayinfer.workers.models.llama import LlamaForCausalLM
 from rayinfer.workers.models.olmo2 import Olmo2ForCausalLM
 from rayinfer.workers.models.qwen3 import Qwen3ForCausalLM
@@ -15,6 +17,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "GraniteForCausalLM": LlamaForCausalLM,  # the multipliers come from ModelSpec
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
+    "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
 }
 
 

@@ -1,8 +1,9 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, Granite): pre-norm blocks, GQA attention with rotary, SwiGLU MLP.
 
 Granite is this model plus the scalar multipliers of `ModelSpec` (embedding, residual, attention scale, logits
-divisor), which are 1 / default for the other families. Qwen3 and Olmo2 subclass the pieces here (see
-`attention_cls`, `layer_cls`, `model_cls` and `LlamaAttention.norm_qk`).
+divisor), which are 1 / default for the other families; the soft-caps of `ModelSpec` (Gemma 2) apply here too.
+Qwen3, Olmo2 and Gemma subclass the pieces here (see
+`attention_cls`, `mlp_cls`, `norm_cls`, `layer_cls`, `model_cls` and `LlamaAttention.norm_qk`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class LlamaAttention(nn.Module):
             spec.head_dim,
             spec.sliding_windows[layer_index],
             scale=spec.attention_scale,
+            soft_cap=spec.attn_logit_softcap,
         )
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +70,15 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
+    mlp_cls: type[nn.Module] = LlamaMLP
+    norm_cls: type[RMSNorm] = RMSNorm
 
     def __init__(self, spec: ModelSpec, layer_index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.input_layernorm = self.norm_cls(spec.hidden_size, spec.rms_norm_eps)
         self.self_attn = self.attention_cls(spec, layer_index)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.mlp = LlamaMLP(spec)
+        self.post_attention_layernorm = self.norm_cls(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = self.mlp_cls(spec)
         self.residual_multiplier = spec.residual_multiplier
 
     def forward(
@@ -100,13 +104,14 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     layer_cls: type[nn.Module] = LlamaDecoderLayer
+    norm_cls: type[RMSNorm] = RMSNorm  # the final norm
 
     def __init__(self, spec: ModelSpec, max_len: int) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
         self.embedding_multiplier = spec.embedding_multiplier
         self.layers = nn.ModuleList(self.layer_cls(spec, i) for i in range(spec.num_layers))
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = self.norm_cls(spec.hidden_size, spec.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(spec.rope, max_len)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -150,4 +155,7 @@ class LlamaForCausalLM(nn.Module):
         logits = self.lm_head.compute_logits(hidden)
         if self.spec.logits_divisor != 1.0:  # Granite's logits_scaling
             logits = logits / self.spec.logits_divisor
+        cap = self.spec.final_logit_softcap
+        if cap is not None:  # Gemma 2: elementwise, on the gathered logits
+            logits = torch.tanh(logits / cap) * cap
         return logits

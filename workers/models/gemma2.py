@@ -13,7 +13,7 @@ from torch import nn
 from rayinfer.workers.layers.attention import AttentionMetadata
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.gemma import GemmaMLP, GemmaModel, GemmaRMSNorm
-from rayinfer.workers.models.llama import LlamaAttention, LlamaForCausalLM, RopeTables
+from rayinfer.workers.models.llama import LlamaAttention, LlamaForCausalLM, RopeTables, norm_input
 
 
 class Gemma2DecoderLayer(nn.Module):
@@ -35,10 +35,7 @@ class Gemma2DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Same contract as the Llama layer: the stream is x + residual; the last add is folded into model.norm.
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = norm_input(self.input_layernorm, x, residual)
         x = self.post_attention_layernorm(self.self_attn(x, rope, meta))
         x, residual = self.pre_feedforward_layernorm(x, residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual

@@ -21,6 +21,14 @@ from rayinfer.workers.model_config import ModelSpec
 RopeTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos table, sin table, row per token
 
 
+def norm_input(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's input norm, fused with the previous layer's residual add (the first layer has none): returns
+    (normed input, residual stream)."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, spec: ModelSpec, layer_index: int) -> None:
         super().__init__()
@@ -88,10 +96,7 @@ class LlamaDecoderLayer(nn.Module):
         rope: RopeTables,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
+        x, residual = norm_input(self.input_layernorm, x, residual)
         x = self.self_attn(x, rope, meta)
         if self.residual_multiplier != 1.0:  # Granite: residual + sublayer(x) * residual_multiplier
             x = x * self.residual_multiplier

@@ -145,9 +145,11 @@ class Scheduler:
         logger.debug("preempted sequence %d (%d tokens) to free KV blocks", seq.seq_id, seq.num_tokens)
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        held = self._num_seqs_held()
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if self._num_seqs_held() + 1 + len(seq.request.forks_pending) > self.limits.max_num_seqs:
+            seqs = 1 + len(seq.request.forks_pending)
+            if held + seqs > self.limits.max_num_seqs:
                 break
             if seq.request.params.prompt_logprobs is None:  # those need the logits of every prompt position
                 # A sequence its siblings fork from must still compute a token before the fork point.
@@ -172,6 +174,7 @@ class Scheduler:
             self.running.insert(bisect.bisect_right(keys, seq.arrival), seq)
             out.scheduled.append(ScheduledSequence.of(seq, num_new))
             budget -= num_new
+            held += seqs
 
     def _num_seqs_held(self) -> int:
         """Running sequences plus the siblings that will fork from them."""

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-yaml = pytest.importorskip("yaml")
-jsonschema = pytest.importorskip("jsonschema")
+yaml = pytest.importorskip("yaml", reason="installed with the 'serve' extra (pyyaml)")
+jsonschema = pytest.importorskip("jsonschema", reason="Ray's cluster-config schema check needs it (installed with ray)")
 pytest.importorskip("ray", reason="Ray is installed with the 'serve' extra")
 
 import ray.autoscaler  # noqa: E402

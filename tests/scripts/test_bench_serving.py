@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-aiohttp = pytest.importorskip("aiohttp")
+aiohttp = pytest.importorskip("aiohttp", reason="installed with the 'dev' extra")
 from aiohttp import web  # noqa: E402
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_serving.py"
@@ -36,7 +36,7 @@ bs = _load()
 
 
 def test_percentile_matches_linear_interpolation() -> None:
-    np = pytest.importorskip("numpy")
+    np = pytest.importorskip("numpy", reason="the percentile cross-check uses numpy (installed with torch)")
     values = [random.Random(1).random() for _ in range(37)]
     for q in (0, 1, 50, 90, 99, 99.9, 100):
         assert bs.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
@@ -289,10 +289,14 @@ def test_end_to_end_one_token_per_chunk() -> None:
     assert metrics["output_tokens_from_usage"] and metrics["short_outputs"] == 0
     ok = [r for r in results if r.success]
     assert all(r.chunks == 8 and r.events == 8 and len(r.itl) == 7 for r in ok)
-    # Generous upper bounds: two shared cores.
-    assert FIRST_DELAY * 1000 <= metrics["ttft_ms"]["median"] < FIRST_DELAY * 1000 + 150
-    assert STEP_DELAY * 1000 * 0.9 <= metrics["tpot_ms"]["median"] < STEP_DELAY * 1000 + 40
-    assert STEP_DELAY * 1000 * 0.5 <= metrics["itl_ms"]["median"] < STEP_DELAY * 1000 + 40
+    # Only what the server's sleeps guarantee however busy the machine is (the arithmetic is tested above on
+    # synthetic timings), plus relations that hold exactly.
+    assert metrics["ttft_ms"]["median"] >= FIRST_DELAY * 1000
+    assert metrics["tpot_ms"]["median"] >= STEP_DELAY * 1000 * 0.9
+    assert metrics["itl_ms"]["median"] >= STEP_DELAY * 1000 * 0.5
+    for r in ok:
+        assert r.tpot == pytest.approx((r.e2el - r.ttft) / (r.output_tokens - 1))
+        assert sum(r.itl) <= r.e2el - r.ttft + 1e-9  # one token per event: each gap counted once
     assert metrics["e2el_ms"]["mean"] >= (FIRST_DELAY + 7 * STEP_DELAY) * 1000
     assert metrics["good_requests"] == 6
 
@@ -303,8 +307,8 @@ def test_end_to_end_several_tokens_per_chunk_no_done_max_concurrency() -> None:
     assert metrics["completed"] == 4 and metrics["total_output_tokens"] == 36
     r = results[0]
     assert r.chunks == 3 and len(r.itl) == 2  # 1 + 4 + 4 tokens; each ITL is its gap / 4
-    assert STEP_DELAY * 0.9 <= r.itl[0] < STEP_DELAY + 0.04
-    assert STEP_DELAY * 0.9 <= r.tpot < STEP_DELAY + 0.04
+    assert r.itl[0] >= STEP_DELAY * 0.9  # its gap (4 sleeps) over its 4 tokens
+    assert 4 * sum(r.itl) <= r.e2el - r.ttft + 1e-9  # a gap counted once, divided by the tokens it brought
     # two at a time: the second pair starts after the first ends
     starts = sorted(x.start for x in results)
     assert starts[2] - starts[0] >= FIRST_DELAY + 2 * 4 * STEP_DELAY - 0.01
@@ -315,8 +319,9 @@ def test_end_to_end_events_arriving_together_share_their_gap() -> None:
     metrics, results = _run_against(_fake_app(events_per_write=3), specs)
     r = results[0]
     assert r.events == 7 and r.chunks == 3 and r.output_tokens == 7  # writes of 1, 3, 3 events
-    assert all(STEP_DELAY * 0.9 <= v < STEP_DELAY + 0.04 for v in r.itl)
-    assert STEP_DELAY * 0.9 <= metrics["tpot_ms"]["median"] / 1000 < STEP_DELAY + 0.04
+    assert all(v >= STEP_DELAY * 0.9 for v in r.itl)
+    assert 3 * sum(r.itl) <= r.e2el - r.ttft + 1e-9  # each write's gap shared by its 3 events
+    assert metrics["tpot_ms"]["median"] / 1000 >= STEP_DELAY * 0.9
 
 
 def test_end_to_end_counts_chunks_without_usage() -> None:
@@ -336,7 +341,7 @@ def test_connection_refused_is_a_failure() -> None:
 
 
 def test_main_sweep_json_plots_and_compare(tmp_path: Path, capsys) -> None:
-    pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib", reason="installed with the 'dev' extra")
     loop = asyncio.new_event_loop()
     started = threading.Event()
     holder = {}

@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from rayinfer.workers.hf_config import normalize_config
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -135,7 +137,7 @@ def load_model_spec(model_dir: str | Path) -> ModelSpec:
     config_path = model_dir / "config.json"
     if not config_path.exists():
         raise ValueError(f"model: {model_dir} is not a Hugging Face checkpoint folder (no config.json)")
-    cfg = _read_json(config_path)
+    cfg = normalize_config(_read_json(config_path))
     generation = _read_json(model_dir / "generation_config.json")
     architectures = cfg.get("architectures") or []
     if not architectures:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,14 +65,27 @@ def _default_loader(param: nn.Parameter, loaded: CheckpointTensor, shard_id: obj
     param.data.copy_(loaded.full())
 
 
+def _compiled(patterns: object) -> list[tuple[re.Pattern[str], str]]:
+    return [(re.compile(pattern), replacement) for pattern, replacement in (patterns or ())]
+
+
 def load_weights(model: nn.Module, model_dir: str | Path) -> None:
+    """Fills every parameter from the checkpoint. A model class declares how HF names map onto its own:
+    `checkpoint_renames` (regex, replacement) pairs applied in order, then `packed_modules` for names that land in
+    a merged parameter; `ignored_checkpoint_tensors` (regexes) names tensors it does not use (e.g. fixed masks)."""
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
+    renames = _compiled(getattr(model, "checkpoint_renames", ()))
+    ignored = [re.compile(pattern) for pattern in getattr(model, "ignored_checkpoint_tensors", ())]
     tied = getattr(model, "spec", None) is not None and model.spec.tie_word_embeddings
     filled: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in iter_checkpoint_tensors(model_dir):
-        if name.endswith(_SKIPPED_SUFFIXES) or (tied and name == "lm_head.weight"):
+        if name.endswith(_SKIPPED_SUFFIXES) or any(p.search(name) for p in ignored):
+            continue
+        for pattern, replacement in renames:
+            name = pattern.sub(replacement, name)
+        if tied and name == "lm_head.weight":
             continue
         shard_id = None
         for source, (target, shard) in packed.items():

@@ -75,6 +75,58 @@ def stream_deltas():
     return run
 
 
+# Varied lengths and scripts; the longer ones exceed 16 tokens, so a 16-token step budget splits their prefill.
+COVERAGE_PROMPT_TEXTS = (
+    "A",
+    "Hello world",
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman",
+    "café naïve 日本語 🙂",
+    "Paged attention stores the cache in fixed-size blocks, so memory is shared and never wasted.",
+)
+
+
+@pytest.fixture(scope="session")
+def coverage_prompts():
+    """Returns prompts(model_dir) -> the token ids of COVERAGE_PROMPT_TEXTS under the checkpoint's tokenizer."""
+    from transformers import AutoTokenizer
+
+    def prompts(model_dir: Path) -> list[list[int]]:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return [tokenizer.encode(text) for text in COVERAGE_PROMPT_TEXTS]
+
+    return prompts
+
+
+@pytest.fixture(scope="session")
+def rayinfer_greedy():
+    """Returns generate(model_dir, prompts, max_tokens, **engine_args) -> our greedy tokens per prompt (float32, one
+    batch, ignore_eos), after checking that every KV block went back to the pool."""
+    from rayinfer.cluster import LLM, SamplingParams
+
+    def generate(model_dir: Path, prompts: list[list[int]], max_tokens: int, **engine_args: Any) -> list[list[int]]:
+        llm = LLM(str(model_dir), dtype="float32", **engine_args)
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks, "KV blocks leaked"
+        return [out.outputs[0].token_ids for out in outputs]
+
+    return generate
+
+
+def assert_varied(name: str, reference: list[list[int]]) -> None:
+    """Random tiny models can collapse into repeating a token, which would hide bugs: the reference must vary."""
+    distinct = {t for out in reference for t in out}
+    assert len(distinct) > 30, f"{name}: reference output collapsed to {len(distinct)} distinct tokens"
+    assert all(len(set(out)) > 4 for out in reference), f"{name}: a continuation repeats itself: {reference}"
+
+
+@pytest.fixture(scope="session")
+def varied():
+    """The assert_varied check, as a fixture (test modules cannot import each other in importlib mode)."""
+    return assert_varied
+
+
 @pytest.fixture(scope="session")
 def hf_greedy():
     """transformers' greedy continuation of each prompt (see `_hf_greedy`), the reference every engine test uses."""

@@ -3,24 +3,14 @@ for token (float32), with chunked prefill splitting the prompts, plus the pieces
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from rayinfer.cluster import LLM, SamplingParams
 from rayinfer.workers.model_config import check_tensor_parallel, load_model_spec
 
 NEW_TOKENS = 24
 
-PROMPT_TEXTS = [
-    "A",
-    "Hello world",
-    "The quick brown fox jumps over the lazy dog.",
-    "Once upon a time, in a small village by the sea, there lived an old fisherman",
-    "café naïve 日本語 🙂",
-    "Paged attention stores the cache in fixed-size blocks, so memory is shared and never wasted.",
-]
 
 GRANITE_MULTIPLIERS = dict(
     embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=2.5
@@ -60,35 +50,20 @@ CONFIGS = {
 }
 
 
-def _prompts(model_dir: Path) -> list[list[int]]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return [tokenizer.encode(text) for text in PROMPT_TEXTS]
-
-
-def _generate(model_dir: Path, prompts: list[list[int]], **engine_args) -> list[list[int]]:
-    llm = LLM(str(model_dir), dtype="float32", **engine_args)
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks, "KV blocks leaked"
-    return [out.outputs[0].token_ids for out in outputs]
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_greedy_matches_transformers(name: str, tiny_checkpoint, hf_greedy) -> None:
+def test_greedy_matches_transformers(
+    name: str, tiny_checkpoint, hf_greedy, coverage_prompts, rayinfer_greedy, varied
+) -> None:
     arch, overrides = CONFIGS[name]
     model_dir = tiny_checkpoint(arch, **overrides)
     config = json.loads((model_dir / "config.json").read_text())
     assert config["architectures"] == [ARCHITECTURES[arch]]
-    prompts = _prompts(model_dir)
+    prompts = coverage_prompts(model_dir)
     assert max(len(p) for p in prompts) > 16  # the budget below splits the longer prompts across steps
     # transformers' sdpa/flash paths ignore Gemma 2's attention soft-cap; its eager path applies it.
     reference = hf_greedy(model_dir, prompts, NEW_TOKENS, attn_implementation="eager" if arch == "gemma2" else None)
-    distinct = {t for out in reference for t in out}
-    assert len(distinct) > 30, f"{name}: reference output collapsed to {len(distinct)} distinct tokens"
-    assert all(len(set(out)) > 4 for out in reference), reference
-    assert _generate(model_dir, prompts, max_num_batched_tokens=16) == reference
+    varied(name, reference)
+    assert rayinfer_greedy(model_dir, prompts, NEW_TOKENS, max_num_batched_tokens=16) == reference
 
 
 def test_granite_spec_reads_multipliers_and_scales_logits(tiny_checkpoint) -> None:
@@ -128,7 +103,7 @@ def test_qwen3_sliding_window_follows_use_sliding_window(tiny_checkpoint) -> Non
     assert spec.sliding_windows == (None,) * spec.num_layers
 
 
-def test_gemma2_spec_and_model_read_the_peculiarities(tiny_checkpoint) -> None:
+def test_gemma2_spec_and_model_read_the_peculiarities(tiny_checkpoint, coverage_prompts) -> None:
     from rayinfer.workers.weight_loader import build_model
 
     model_dir = tiny_checkpoint("gemma2", **GEMMA2_PECULIARITIES)
@@ -136,7 +111,7 @@ def test_gemma2_spec_and_model_read_the_peculiarities(tiny_checkpoint) -> None:
     assert spec.sliding_windows == (8, None)
     assert (spec.attn_logit_softcap, spec.final_logit_softcap) == (5.0, 3.0)
     assert spec.attention_scale == 24**-0.5 and spec.tie_word_embeddings
-    prompts = _prompts(model_dir)
+    prompts = coverage_prompts(model_dir)
     assert max(len(p) for p in prompts) > 8 + NEW_TOKENS // 2  # the window really cuts the context
     model = build_model(spec, model_dir, torch.float32, torch.device("cpu"), max_len=64)
     attn = [layer.self_attn.attn for layer in model.model.layers]
@@ -181,9 +156,11 @@ def test_gemma2_final_softcap_caps_the_logits(tiny_checkpoint) -> None:
     [{"attn_logit_softcapping": None}, {"layer_types": ["full_attention"] * 2}, {"query_pre_attn_scalar": 16}],
     ids=["no-attn-softcap", "no-window", "head-dim-scale"],
 )
-def test_gemma2_peculiarities_change_the_output(mutation, tiny_checkpoint, hf_greedy) -> None:
+def test_gemma2_peculiarities_change_the_output(
+    mutation, tiny_checkpoint, hf_greedy, coverage_prompts, rayinfer_greedy
+) -> None:
     model_dir = tiny_checkpoint("gemma2", **GEMMA2_PECULIARITIES)
-    prompts = _prompts(model_dir)
+    prompts = coverage_prompts(model_dir)
     reference = hf_greedy(model_dir, prompts, NEW_TOKENS, attn_implementation="eager")
     mutated = tiny_checkpoint("gemma2", **{**GEMMA2_PECULIARITIES, **mutation})
-    assert _generate(mutated, prompts, max_num_batched_tokens=16) != reference
+    assert rayinfer_greedy(mutated, prompts, NEW_TOKENS, max_num_batched_tokens=16) != reference

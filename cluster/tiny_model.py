@@ -151,7 +151,7 @@ def _write_compat_tokenizer_files(out: Path) -> None:
 
 
 # "tiny" keeps tests fast; "small" is big enough that batching/paging effects show up in benchmarks.
-_SIZES: dict[str, dict[str, Any]] = {
+SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128
     ),
@@ -163,7 +163,15 @@ _SIZES: dict[str, dict[str, Any]] = {
         hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408,
         vocab_size=32000,
     ),
+    # Llama-3-8B's shape (8.0B parameters) for GPU benchmarks: build it with dtype bfloat16 on the GPU.
+    "llama3-8b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+    ),
 }
+# Preset keys that are not plain config kwargs: the vocabulary sizes the tokenizer; rope_theta goes into
+# rope_parameters.
+_PRESET_ONLY_KEYS = ("vocab_size", "rope_theta")
 
 # Per-matrix gains for std = gain / sqrt(fan_in), so every size behaves alike. Sharper-than-default q/k make
 # attention pick out particular earlier tokens, so outputs depend on context and KV-cache bugs change tokens;
@@ -194,18 +202,18 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
 
     if arch not in SUPPORTED_TINY_ARCHS:
         raise ValueError(f"Unknown tiny arch {arch!r}; choose one of {SUPPORTED_TINY_ARCHS}")
-    if size not in _SIZES:
-        raise ValueError(f"Unknown tiny size {size!r}; choose one of {tuple(_SIZES)}")
+    if size not in SIZES:
+        raise ValueError(f"Unknown tiny size {size!r}; choose one of {tuple(SIZES)}")
+    preset = SIZES[size]
     kwargs: dict[str, Any] = dict(
-        {k: v for k, v in _SIZES[size].items() if k != "vocab_size"},
-        vocab_size=vocab_size,
         max_position_embeddings=512,
         rms_norm_eps=1e-6,
         initializer_range=INITIALIZER_RANGE,
         tie_word_embeddings=False,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rope_parameters={"rope_type": "default", "rope_theta": float(preset.get("rope_theta", 10000.0))},
         **special_ids,
     )
+    kwargs.update({k: v for k, v in preset.items() if k not in _PRESET_ONLY_KEYS}, vocab_size=vocab_size)
     if arch == "mistral":
         kwargs["sliding_window"] = None  # a 4096 window over a 512 context is a no-op; override to exercise it
     if arch in ("qwen2", "qwen3") and overrides.get("sliding_window") is not None:
@@ -286,21 +294,28 @@ def build_tiny_checkpoint(
     size: str = "tiny",
     seed: int = 0,
     max_shard_size: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
     **config_overrides: Any,
 ) -> Path:
-    """Writes a complete HF checkpoint folder (config, safetensors, tokenizer, generation config) and returns it."""
+    """Writes a complete HF checkpoint folder (config, safetensors, tokenizer, generation config) and returns it.
+
+    dtype / device: where the random weights are made and how they are saved (a GPU benchmark's 8B checkpoint is
+    drawn on the GPU in bfloat16: on a CPU in float32 it would take minutes and 32 GB)."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
-    tokenizer = build_tokenizer(out, pad_to=config_overrides.get("vocab_size", _SIZES.get(size, {}).get("vocab_size")))
+    tokenizer = build_tokenizer(out, pad_to=config_overrides.get("vocab_size", SIZES.get(size, {}).get("vocab_size")))
     special_ids = dict(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     config = _make_config(arch, size, len(tokenizer), special_ids, dict(config_overrides))
-    with torch.random.fork_rng(devices=[]):  # seed our weights without disturbing the caller's RNG
+    rng_devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):  # seed our weights without disturbing the caller's RNG
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
         _spread_init(model, tokenizer.eos_token_id)
     model.generation_config = GenerationConfig(**special_ids)
     save_kwargs: dict[str, Any] = {"safe_serialization": True}

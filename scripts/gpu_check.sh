@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The GPU session's checks in one run, most important first, each bounded so the whole fits a device lease:
+#   smoke    tiny models on CUDA equal transformers (the Triton kernels compiled for real, not interpreted)
+#   build    a random Llama-3-8B-shaped checkpoint in bfloat16, drawn on the GPU
+#   thru     offline throughput, ShareGPT-like, 500 requests: rayinfer, then transformers' generate_batch
+#   decode   decode step time at batch 1 and 64 against the memory roofline
+#   kernels  scripts/bench_kernels.py (each kernel against copy bandwidth / SDPA)
+#   tests    the GPU-marked tests and the model-coverage tests on CUDA
+# Usage: scripts/gpu_check.sh [BUDGET_SECONDS] [STAGES]  (default 520 s; stages comma-separated, default all).
+# Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-out. Needs no Ray or FastAPI: the engine
+# runs in-process; pydantic comes from wheels in .whl when the machine lacks it.
+set -u
+cd "$(dirname "$0")/.."
+BUDGET=${1:-520}
+STAGES=${2:-smoke,build,thru,decode,kernels,tests}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+START=$(date +%s)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+MODEL=/tmp/llama3-8b-random
+
+left() { echo $((BUDGET - ($(date +%s) - START))); }
+# run NAME CAP CMD...: runs CMD with a limit of min(CAP, time left - 10 s), output to $OUT/NAME.log and the console.
+run() {
+    local name=$1 cap=$2
+    shift 2
+    local limit
+    limit=$(($(left) - 10))
+    [ "$limit" -gt "$cap" ] && limit=$cap
+    if [ "$limit" -lt 20 ]; then
+        echo "== $name: skipped, $(left) s left" | tee -a "$OUT/summary.txt"
+        return 1
+    fi
+    echo "== $name (limit ${limit}s, $(left) s left)"
+    local t0=$(date +%s)
+    timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "== $name: rc=$rc in $(($(date +%s) - t0)) s" | tee -a "$OUT/summary.txt"
+    grep -v -E "Warning|warn\(|^\s*$|it/s\]|Loading weights" "$OUT/$name.log" | tail -n 15
+    return $rc
+}
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
+
+python3 -c "import pydantic" 2>/dev/null || {
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+}
+python3 -c "import rayinfer.cluster" 2>/dev/null ||
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || {
+        echo "install failed"; tail -20 "$OUT/install.log"; exit 1; }
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+
+if want smoke; then
+    run smoke 90 python3 -m pytest -q -p no:cacheprovider --timeout 60 -m gpu tests/test_hf_equivalence.py
+fi
+if want build || want thru || want decode; then
+    [ -f "$MODEL/config.json" ] ||
+        run build 150 python3 scripts/make_tiny_model.py --size llama3-8b --dtype bfloat16 --device cuda --out "$MODEL"
+fi
+if want thru; then
+    run thru_rayinfer 150 python3 scripts/bench_throughput.py --model "$MODEL" --dataset sharegpt-like \
+        --num-prompts 500 --engines rayinfer --max-num-batched-tokens 8192 --json "$OUT/thru_rayinfer.json" ||
+        RAYINFER_KERNEL_BACKEND=torch run thru_rayinfer_torch_kernels 120 python3 scripts/bench_throughput.py \
+            --model "$MODEL" --dataset sharegpt-like --num-prompts 500 --engines rayinfer \
+            --max-num-batched-tokens 8192 --json "$OUT/thru_rayinfer_torch_kernels.json"
+fi
+if want decode; then
+    run decode 130 python3 scripts/bench_decode.py --model "$MODEL" --batch-sizes 1,64 --context 1024 --steps 30 \
+        --json "$OUT/decode.json"
+fi
+if want thru; then
+    run thru_generate_batch 180 python3 scripts/bench_throughput.py --model "$MODEL" --dataset sharegpt-like \
+        --num-prompts 500 --engines generate_batch --json "$OUT/thru_generate_batch.json"
+fi
+if want kernels; then
+    run kernels 90 python3 scripts/bench_kernels.py --markdown --json "$OUT/kernels.json"
+fi
+if want tests; then
+    run tests 240 python3 -m pytest -q -p no:cacheprovider --timeout 90 -m gpu tests/kernels tests/workers/test_worker.py \
+        tests/workers/test_sampler.py
+    run coverage 120 python3 -m pytest -q -p no:cacheprovider --timeout 90 tests/test_model_coverage.py tests/test_triton_path.py
+fi
+echo "== done in $(($(date +%s) - START)) s"
+cat "$OUT/summary.txt"

@@ -40,6 +40,9 @@ class EngineConfig(BaseModel):
     tensor_parallel_size: int = 1
     distributed_executor_backend: Literal["uni", "ray"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Decode-only steps replay CUDA graphs of the forward (one launch instead of ~10 per layer) on a single-GPU
+    # worker; True keeps every step eager, as vLLM's flag of the same name does.
+    enforce_eager: bool = False
     max_logprobs: int = 20
     # How the Ray executor places its workers: all on one node (STRICT_PACK) or across nodes when needed (PACK).
     placement_strategy: Literal["STRICT_PACK", "PACK"] = "STRICT_PACK"

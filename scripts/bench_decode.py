@@ -5,8 +5,9 @@ A decode step must read every weight once (the LM head whole, only the embedding
 sequence's cached K/V; nothing else is large. That byte count over the device-to-device copy bandwidth measured in
 the same run is the step's floor; the report gives the measured step against it as a percentage. For each batch
 size B the in-process engine holds B sequences of --context prompt tokens in steady decode and times --steps
-`Engine.step()` calls (median). A torch.profiler pass over a few steps sums the kernels' own GPU time, so the
-difference to the step time is what the host adds (launches, scheduling, sampling's copy back).
+`Engine.step()` calls (median), once replaying the decode CUDA graphs and once eagerly (the same engine with its
+graphs set aside). A torch.profiler pass over a few steps sums the kernels' own GPU time, so the difference to the
+step time is what the host adds (launches, scheduling, sampling's copy back); --top-kernels lists the largest.
 
     python scripts/bench_decode.py [--model DIR | --size llama3-8b] [--batch-sizes 1,64] [--context 1024]
         [--steps 40] [--dtype bfloat16] [--json FILE]
@@ -60,7 +61,7 @@ def kv_bytes_per_step(engine: Engine, context_lens: list[int]) -> int:
     return per_token * sum(context_lens)
 
 
-def gpu_kernel_ms(engine: Engine, steps: int) -> float | None:
+def gpu_kernel_ms(engine: Engine, steps: int, top: int = 0) -> float | None:
     """Sum of the kernels' own device time per step, from torch.profiler (None where it is unavailable)."""
     try:
         from torch.profiler import ProfilerActivity, profile
@@ -69,14 +70,27 @@ def gpu_kernel_ms(engine: Engine, steps: int) -> float | None:
             for _ in range(steps):
                 engine.step()
             torch.cuda.synchronize()
-        total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+        events = prof.key_averages()
+        total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+        for e in sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0.0))[:top]:
+            print(f"    {e.self_device_time_total / 1e3 / steps:8.3f} ms/step  x{e.count // steps:<4d} {e.key[:90]}")
         return total_us / 1e3 / steps
     except Exception as exc:  # the profiler is a diagnostic: the step times stand without it
         print(f"profiler unavailable: {exc!r}", flush=True)
         return None
 
 
-def run_batch(engine: Engine, batch: int, context: int, steps: int, bandwidth: float) -> dict:
+def time_steps(engine: Engine, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_batch(engine: Engine, batch: int, context: int, steps: int, bandwidth: float, top: int) -> list[dict]:
     params = SamplingParams(temperature=0.0, max_tokens=steps * 3 + 32, ignore_eos=True)
     ids = [f"b{batch}-{i}" for i in range(batch)]
     for i, request_id in enumerate(ids):
@@ -88,35 +102,38 @@ def run_batch(engine: Engine, batch: int, context: int, steps: int, bandwidth: f
     for _ in range(5):  # steady decode, kernels compiled for this shape
         engine.step()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    runner = engine.executor.worker.runner
+    graphs = runner.graphs
+    rows = []
+    for mode in ("graphs", "eager") if graphs is not None else ("eager",):
+        runner.graphs = graphs if mode == "graphs" else None
         engine.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    kernel_ms = gpu_kernel_ms(engine, 5)
-    context_lens = [s.num_computed_tokens for s in scheduler.running]
-    model = engine.executor.worker.runner.model
-    weights = weight_bytes_per_step(model, batch)
-    kv = kv_bytes_per_step(engine, context_lens)
-    floor_s = (weights + kv) / bandwidth
+        step_s = time_steps(engine, steps)
+        print(f"  batch {batch} {mode}: top kernels", flush=True)
+        kernel_ms = gpu_kernel_ms(engine, 5, top)
+        context_lens = [s.num_computed_tokens for s in scheduler.running]
+        weights = weight_bytes_per_step(runner.model, batch)
+        kv = kv_bytes_per_step(engine, context_lens)
+        floor_s = (weights + kv) / bandwidth
+        rows.append({
+            "batch": batch,
+            "mode": mode,
+            "mean_context": sum(context_lens) / max(1, len(context_lens)),
+            "step_ms": 1e3 * step_s,
+            "kernel_ms": kernel_ms,
+            "weight_GB": weights / 1e9,
+            "kv_GB": kv / 1e9,
+            "roofline_ms": 1e3 * floor_s,
+            "share_of_roofline": floor_s / step_s,
+            "kernel_share_of_roofline": None if kernel_ms is None else floor_s / (kernel_ms / 1e3),
+            "output_tok_per_s": batch / step_s,
+        })
+    runner.graphs = graphs
     for request_id in ids:
         engine.abort_request(request_id)
     while engine.has_unfinished_requests():
         engine.step()
-    return {
-        "batch": batch,
-        "mean_context": sum(context_lens) / max(1, len(context_lens)),
-        "step_ms": 1e3 * step_s,
-        "kernel_ms": kernel_ms,
-        "weight_GB": weights / 1e9,
-        "kv_GB": kv / 1e9,
-        "roofline_ms": 1e3 * floor_s,
-        "share_of_roofline": floor_s / step_s,
-        "kernel_share_of_roofline": None if kernel_ms is None else floor_s / (kernel_ms / 1e3),
-        "output_tok_per_s": batch / step_s,
-    }
+    return rows
 
 
 def main() -> int:
@@ -127,6 +144,7 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--top-kernels", type=int, default=8, help="list this many kernels by GPU time")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -145,12 +163,12 @@ def main() -> int:
     print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write); {args.dtype}, context {args.context}")
     rows = []
     for batch in batches:
-        row = run_batch(engine, batch, args.context, args.steps, bandwidth)
-        rows.append(row)
+        rows.extend(run_batch(engine, batch, args.context, args.steps, bandwidth, args.top_kernels))
+    for row in rows:
         kernel = "n/a" if row["kernel_ms"] is None else f"{row['kernel_ms']:.2f} ms"
-        print(f"batch {batch:4d}: step {row['step_ms']:.2f} ms (kernels {kernel}), roofline {row['roofline_ms']:.2f} ms "
-              f"({row['weight_GB']:.2f} GB weights + {row['kv_GB']:.2f} GB KV): {100 * row['share_of_roofline']:.0f}% "
-              f"of roofline; {row['output_tok_per_s']:.0f} tok/s", flush=True)
+        print(f"batch {row['batch']:4d} {row['mode']:>6}: step {row['step_ms']:.2f} ms (kernels {kernel}), roofline "
+              f"{row['roofline_ms']:.2f} ms ({row['weight_GB']:.2f} GB weights + {row['kv_GB']:.2f} GB KV): "
+              f"{100 * row['share_of_roofline']:.0f}% of roofline; {row['output_tok_per_s']:.0f} tok/s", flush=True)
     engine.shutdown()
     if args.json:
         Path(args.json).write_text(json.dumps({"device": device, "copy_bandwidth": bandwidth, "dtype": args.dtype,

@@ -28,7 +28,7 @@ class InProcessExecutor(Executor):
                 f"kv_cache_memory_bytes: room for no KV block (one block of {config.block_size} tokens needs "
                 f"{self.worker._block_bytes()} bytes)"
             )
-        self.worker.init_cache(self.num_blocks)
+        self.worker.init_cache(self.num_blocks, capture_graphs=True)
 
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.worker.execute(plan)

@@ -5,6 +5,7 @@ import torch
 
 from rayinfer.scheduler.step_output import StepOutput, TopLogprobs
 from rayinfer.scheduler.step_plan import StepPlan
+from rayinfer.workers.cuda_graphs import DecodeGraphs
 from rayinfer.workers.kv_pool import KVPool
 from rayinfer.workers.layers.attention import AttentionMetadata, PagedAttention
 from rayinfer.workers.logprobs import top_logprobs
@@ -24,6 +25,7 @@ class ModelRunner:
             raise RuntimeError(f"model has {len(attention_layers)} attention layers, pool has {len(kv_pool.layers)}")
         for layer, cache in zip(attention_layers, kv_pool.layers):
             layer.kv_cache = cache
+        self.graphs: DecodeGraphs | None = None  # set by the worker once captured (CUDA, single GPU)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
@@ -99,7 +101,11 @@ class ModelRunner:
         """Forward over the step; logits for the chunks that sample (and for prompt rows whose logprobs were
         asked); the tokens drawn, with logprobs when `with_logprobs` (the rank that reports them)."""
         input_ids, meta, sample_rows = self.prepare(plan, sequences)
-        hidden = self.model(input_ids, meta)
+        graphs = self.graphs
+        if graphs is not None and meta.max_query_len == 1 and input_ids.shape[0] <= graphs.max_batch:
+            hidden = graphs.run(input_ids, meta)
+        else:
+            hidden = self.model(input_ids, meta)
         prompt_rows: list[int] = []
         prompt_scored: list[int] = []
         spans: list[tuple[int, int, int, int]] = []

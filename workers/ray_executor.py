@@ -107,7 +107,7 @@ class RayExecutor(Executor):
             num_blocks = min(counts) if required_blocks is None else required_blocks
             if min(counts) < num_blocks or num_blocks < 1:
                 raise WorkerGroupFailure(f"workers report room for {counts} KV blocks; {num_blocks} are needed")
-            ray.get([w.init_cache.remote(num_blocks) for w in self.workers], timeout=SETUP_TIMEOUT_S)
+            ray.get([w.init_cache.remote(num_blocks, True) for w in self.workers], timeout=SETUP_TIMEOUT_S)
         except (RayError, GetTimeoutError, WorkerGroupFailure) as exc:
             self._replace_failed_group()
             raise WorkerGroupFailure(f"starting the worker group failed: {exc}") from exc

@@ -19,6 +19,7 @@ from rayinfer.scheduler.step_output import StepOutput
 from rayinfer.scheduler.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
 from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
 from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.cuda_graphs import DecodeGraphs
 from rayinfer.workers.model_runner import ModelRunner
 from rayinfer.workers.parallel_state import set_tensor_parallel_group
 from rayinfer.workers.device import resolve_device, resolve_dtype, use_cpu_cores
@@ -166,12 +167,40 @@ class Worker:
         self.sequences.clear()
         return next_block
 
-    def init_cache(self, num_blocks: int) -> None:
+    def init_cache(self, num_blocks: int, capture_graphs: bool = False) -> None:
+        """Builds the KV pool and the runner; `capture_graphs` (the serving pool, not a profiling scratch one)
+        also captures the decode CUDA graphs where they apply."""
         kv_heads = max(1, self.spec.num_kv_heads // self.world_size)
         pool = KVPool(
             self.spec.num_layers, num_blocks, self.config.block_size, kv_heads, self.spec.head_dim, self.dtype, self.device
         )
         self.runner = ModelRunner(self.model, pool, self.spec.vocab_size, self.device)
+        if capture_graphs and self._uses_cuda_graphs():
+            self._capture_decode_graphs()
+
+    def _uses_cuda_graphs(self) -> bool:
+        # Tensor parallelism would put its all-reduces inside the graph (NCCL capture): not done yet.
+        return (
+            self.device.type == "cuda"
+            and not self.config.enforce_eager
+            and self.world_size == 1
+            and not getattr(self.model, "uses_dynamic_rope", False)  # its tables depend on the step's lengths
+        )
+
+    def _capture_decode_graphs(self) -> None:
+        graphs = DecodeGraphs(
+            self.model,
+            self.config.max_num_seqs,
+            max_blocks_per_seq=-(-self.max_model_len // self.config.block_size),
+            max_model_len=self.max_model_len,
+            device=self.device,
+        )
+        try:
+            graphs.capture()
+        except Exception:  # a model whose forward cannot be captured still serves, eagerly
+            logger.exception("capturing CUDA graphs failed; decode steps run eagerly")
+            return
+        self.runner.graphs = graphs
 
     # ------------------------------------------------------------ steps
     def execute(self, plan: StepPlan) -> StepOutput | None:

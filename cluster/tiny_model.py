@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # transformers is heavy; import it only when a checkpoint is 
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma", "gemma2", "qwen2_moe", "mixtral")
+SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma", "gemma2")
+SUPPORTED_TINY_ARCHS += ("qwen2_moe", "mixtral")  # mixtures of experts
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")

@@ -3,6 +3,7 @@ with chunked prefill splitting the prompts, on one process, on the Triton kernel
 Ray workers; plus routing, checkpoint layouts and the configs each family reads."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -206,8 +207,6 @@ def test_bad_configs_fail_with_clear_errors(tiny_checkpoint) -> None:
     from rayinfer.workers.models.mixtral import MixtralForCausalLM
     from rayinfer.workers.models.qwen2_moe import Qwen2MoeForCausalLM
 
-    import dataclasses
-
     spec = load_model_spec(tiny_checkpoint("mixtral"))
     with pytest.raises(ValueError, match="hidden_act 'gelu'"):
         MixtralForCausalLM(dataclasses.replace(spec, hidden_act="gelu"), 64)
@@ -241,7 +240,9 @@ def test_qwen2_moe_sliding_window_follows_use_sliding_window(tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")
-def test_triton_path_matches_transformers(tiny_checkpoint, hf_greedy, coverage_prompts, rayinfer_greedy, monkeypatch) -> None:
+def test_triton_path_matches_transformers(
+    tiny_checkpoint, hf_greedy, coverage_prompts, rayinfer_greedy, monkeypatch
+) -> None:
     """The whole model on its Triton kernels (the interpreter runs them on CPU), the fused MoE kernel included."""
     monkeypatch.setenv("RAYINFER_KERNEL_BACKEND", "triton")
     model_dir = tiny_checkpoint("qwen2_moe", **QWEN2_MOE_WINDOW)

@@ -125,6 +125,7 @@ def test_no_tokens_and_bad_shapes() -> None:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_matches_reference(dtype: torch.dtype) -> None:
     """Model-sized experts on the device: Mixtral-like (8 experts, top-2) and Qwen2-MoE-like (60, top-4)."""
-    for tokens, experts, top_k, hidden, inter in [(1, 8, 2, 4096, 1792), (300, 8, 2, 1024, 3584), (77, 60, 4, 2048, 1408)]:
+    shapes = [(1, 8, 2, 4096, 1792), (300, 8, 2, 1024, 3584), (77, 60, 4, 2048, 1408)]
+    for tokens, experts, top_k, hidden, inter in shapes:
         inputs = make_inputs(tokens, experts, top_k, hidden, inter, dtype=dtype, seed=tokens, device="cuda")
         assert_matches(moe.fused_moe_triton(*inputs), moe.fused_moe_reference(*inputs))

@@ -33,7 +33,9 @@ class MixtralSparseBlock(nn.Module):
         num_experts = _num_experts(spec)
         self.top_k = int(spec.raw.get("num_experts_per_tok", 2))
         if not 1 <= self.top_k <= num_experts:
-            raise ValueError(f"num_experts_per_tok ({self.top_k}) must be between 1 and num_local_experts ({num_experts})")
+            raise ValueError(
+                f"num_experts_per_tok ({self.top_k}) must be between 1 and num_local_experts ({num_experts})"
+            )
         self.gate = replicated_linear(spec.hidden_size, num_experts)
         self.experts = FusedMoE(num_experts, spec.hidden_size, spec.intermediate_size)
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # transformers is heavy; import it only when a checkpoint is 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma", "gemma2")
+SUPPORTED_TINY_ARCHS += ("qwen2_moe", "mixtral")  # mixtures of experts
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -177,6 +178,9 @@ _PRESET_ONLY_KEYS = ("vocab_size", "rope_theta")
 # attention pick out particular earlier tokens, so outputs depend on context and KV-cache bugs change tokens;
 # much sharper (gain 3) amplifies float32 rounding 10x, and a large o_proj over diffuse attention makes loops.
 _GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head": 2.0}
+# Mixture-of-experts routers: logits of std ~2 give each token a clear top-k (no near-ties that rounding could
+# flip) while different tokens still pick different experts.
+_ROUTER_GAIN = 2.0
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
 _NORM_STD = 0.2
@@ -195,8 +199,10 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         GraniteConfig,
         LlamaConfig,
         MistralConfig,
+        MixtralConfig,
         Olmo2Config,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
     )
 
@@ -226,6 +232,14 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         if arch == "gemma2":  # its 4096 window is a no-op over a 512 context: override sliding_window to exercise it
             # Not head_dim, so a scale taken from head_dim shows; the sharper attention also keeps outputs varied.
             kwargs.update(query_pre_attn_scalar=head_dim // 2)
+    if arch == "qwen2_moe":  # 4 experts, top-2, narrow routed experts beside a wider shared one and dense layers
+        width = kwargs["intermediate_size"]
+        kwargs.update(
+            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=width // 4,
+            shared_expert_intermediate_size=width // 2,
+        )
+    if arch == "mixtral":  # 4 experts of half the dense width, top-2; sliding_window stays null unless overridden
+        kwargs.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=kwargs["intermediate_size"] // 2)
     if "rope_scaling" in overrides:  # legacy spelling: fold it into rope_parameters (transformers 5 style)
         scaling = dict(overrides.pop("rope_scaling") or {})
         if "type" in scaling and "rope_type" not in scaling:
@@ -243,6 +257,8 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         "olmo2": Olmo2Config,
         "gemma": GemmaConfig,
         "gemma2": Gemma2Config,
+        "qwen2_moe": Qwen2MoeConfig,
+        "mixtral": MixtralConfig,
     }[arch]
     return cls(**kwargs)
 
@@ -267,6 +283,12 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 module.weight.normal_(0.0, gain / math.sqrt(module.in_features))
                 if module.bias is not None:
                     module.bias.normal_(0.0, _BIAS_STD)
+            elif leaf == "experts" and isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
+                # transformers' stacked experts: [E, 2I, H] gate/up and [E, H, I] down, fan-in last.
+                for param in (module.gate_up_proj, module.down_proj):
+                    param.normal_(0.0, _DEFAULT_GAIN / math.sqrt(param.shape[-1]))
+            elif leaf == "gate" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
+                module.weight.normal_(0.0, _ROUTER_GAIN / math.sqrt(module.weight.shape[1]))  # an MoE router
             elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
                 # q/k norms (Qwen3, Olmo2) undo the q/k gains above; larger weights restore the sharp attention.
                 center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") else 1.0

@@ -27,3 +27,20 @@ def renamed(cfg: Config, aliases: dict[str, str]) -> Config:
         if alias in out and out.get(common) is None:
             out[common] = out[alias]
     return out
+
+
+def _qwen2_moe(cfg: Config) -> Config:
+    """Qwen2-MoE slides only with use_sliding_window, and then on the layers transformers' config marks: the even
+    layers below max_window_layers (hub configs carry a sliding_window they do not use, and no layer_types)."""
+    out = dict(cfg)
+    if not out.get("use_sliding_window", False) or not out.get("sliding_window"):
+        out["sliding_window"] = None
+    elif out.get("layer_types") is None:
+        layers, first_full = int(out["num_hidden_layers"]), int(out.get("max_window_layers", 28))
+        out["layer_types"] = [
+            "sliding_attention" if i % 2 == 0 and i < first_full else "full_attention" for i in range(layers)
+        ]
+    return out
+
+
+CONFIG_NORMALIZERS["qwen2_moe"] = _qwen2_moe

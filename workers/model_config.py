@@ -200,6 +200,9 @@ def check_tensor_parallel(spec: ModelSpec, tp_size: int) -> None:
         problems.append(f"num_key_value_heads ({kv}) (must divide or be divisible by it)")
     if spec.intermediate_size % tp_size:
         problems.append(f"intermediate_size ({spec.intermediate_size})")
+    for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):  # mixture-of-experts MLP widths
+        if spec.raw.get(key) and int(spec.raw[key]) % tp_size:
+            problems.append(f"{key} ({spec.raw[key]})")
     if spec.architecture in WHOLE_QK_NORM_ARCHITECTURES:
         raise ValueError(
             f"tensor_parallel_size {tp_size}: {spec.architecture} normalises q and k over all heads at once "

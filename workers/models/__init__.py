@@ -7,7 +7,9 @@ from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.gemma import GemmaForCausalLM
 from rayinfer.workers.models.gemma2 import Gemma2ForCausalLM
 from rayinfer.workers.models.llama import LlamaForCausalLM
+from rayinfer.workers.models.mixtral import MixtralForCausalLM
 from rayinfer.workers.models.olmo2 import Olmo2ForCausalLM
+from rayinfer.workers.models.qwen2_moe import Qwen2MoeForCausalLM
 from rayinfer.workers.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -19,6 +21,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 

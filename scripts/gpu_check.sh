@@ -2,8 +2,9 @@
 # The GPU session's checks in one run, most important first, each bounded so the whole fits a device lease:
 #   smoke    tiny models on CUDA equal transformers (the Triton kernels compiled for real, not interpreted)
 #   build    a random Llama-3-8B-shaped checkpoint in bfloat16, drawn on the GPU
-#   thru     offline throughput, ShareGPT-like, 500 requests: rayinfer, then transformers' generate_batch
-#   decode   decode step time at batch 1 and 64 against the memory roofline
+#   thru     offline throughput, ShareGPT-like, 500 requests, rayinfer
+#   decode   decode step time at batch 1 and 64 against the memory roofline (CUDA graphs and eager)
+#   peer     the same throughput workload on transformers' generate_batch
 #   kernels  scripts/bench_kernels.py (each kernel against copy bandwidth / SDPA)
 #   tests    the GPU-marked tests and the model-coverage tests on CUDA
 # Usage: scripts/gpu_check.sh [BUDGET_SECONDS] [STAGES]  (default 520 s; stages comma-separated, default all).
@@ -12,7 +13,7 @@
 set -u
 cd "$(dirname "$0")/.."
 BUDGET=${1:-520}
-STAGES=${2:-smoke,build,thru,decode,kernels,tests}
+STAGES=${2:-smoke,build,thru,decode,peer,kernels,tests}
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -52,9 +53,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 if want smoke; then
-    run smoke 90 python3 -m pytest -q -p no:cacheprovider --timeout 60 -m gpu tests/test_hf_equivalence.py
+    run smoke 90 python3 -m pytest -q -p no:cacheprovider --timeout 60 -m gpu tests/test_hf_equivalence.py \
+        tests/workers/test_cuda_graphs.py tests/kernels/test_moe_triton.py
 fi
-if want build || want thru || want decode; then
+if want build || want thru || want decode || want peer; then
     [ -f "$MODEL/config.json" ] ||
         run build 150 python3 scripts/make_tiny_model.py --size llama3-8b --dtype bfloat16 --device cuda --out "$MODEL"
 fi
@@ -69,7 +71,7 @@ if want decode; then
     run decode 130 python3 scripts/bench_decode.py --model "$MODEL" --batch-sizes 1,64 --context 1024 --steps 30 \
         --json "$OUT/decode.json"
 fi
-if want thru; then
+if want peer; then
     run thru_generate_batch 180 python3 scripts/bench_throughput.py --model "$MODEL" --dataset sharegpt-like \
         --num-prompts 500 --engines generate_batch --json "$OUT/thru_generate_batch.json"
 fi
@@ -77,9 +79,13 @@ if want kernels; then
     run kernels 90 python3 scripts/bench_kernels.py --markdown --json "$OUT/kernels.json"
 fi
 if want tests; then
-    run tests 240 python3 -m pytest -q -p no:cacheprovider --timeout 90 -m gpu tests/kernels tests/workers/test_worker.py \
-        tests/workers/test_sampler.py
-    run coverage 120 python3 -m pytest -q -p no:cacheprovider --timeout 90 tests/test_model_coverage.py tests/test_triton_path.py
+    # Triton compiles on the CPU: spread the test files over processes (pytest-xdist is on the GPU image).
+    run tests 240 python3 -m pytest -q -p no:cacheprovider --timeout 120 -n 8 -m gpu tests/kernels \
+        tests/workers/test_worker.py tests/workers/test_sampler.py
+    run coverage 120 python3 -m pytest -q -p no:cacheprovider --timeout 120 -n 8 tests/test_model_coverage.py \
+        tests/test_models_moe.py tests/test_triton_path.py
 fi
 echo "== done in $(($(date +%s) - START)) s"
 cat "$OUT/summary.txt"
+# The device tool returns at most 8 files: everything goes back in one archive.
+(cd "$OUT" && tar czf all.tgz --exclude=all.tgz -- * && find . -type f ! -name all.tgz -delete)

@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # transformers is heavy; import it only when a checkpoint is 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma", "gemma2")
+SUPPORTED_TINY_ARCHS += ("phi3", "starcoder2", "olmo", "stablelm", "cohere")
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -169,6 +170,7 @@ _SIZES: dict[str, dict[str, Any]] = {
 # attention pick out particular earlier tokens, so outputs depend on context and KV-cache bugs change tokens;
 # much sharper (gain 3) amplifies float32 rounding 10x, and a large o_proj over diffuse attention makes loops.
 _GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head": 2.0}
+_GAINS["qkv_proj"] = 1.5  # Phi-3's fused q/k/v
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
 _NORM_STD = 0.2
@@ -176,12 +178,18 @@ _QK_NORM_CENTER = 2.0
 _EMBED_STD = 1.0
 _SCALED_TIED_EMBED_SHRINK = 16.0  # see _spread_init: tied heads of models that scale their embeddings (Gemma)
 _EOS_ROW_SCALE = 0.05  # EOS logit ~0 while the top logit is ~3 std up: random generations rarely stop early
+_PER_HEAD_QK_NORM = "_layernorm.norms."  # StableLM's per-head q/k LayerNorms (q_layernorm.norms.<h>)
 INITIALIZER_RANGE = 0.1  # recorded in config.json; the weights themselves come from _spread_init
 
 
 def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, int], overrides: dict[str, Any]) -> Any:
     """Builds the transformers config; `overrides` win over the size preset (e.g. num_key_value_heads=1)."""
     from transformers import (
+        CohereConfig,
+        OlmoConfig,
+        Phi3Config,
+        StableLmConfig,
+        Starcoder2Config,
         Gemma2Config,
         GemmaConfig,
         GraniteConfig,
@@ -218,6 +226,8 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         if arch == "gemma2":  # its 4096 window is a no-op over a 512 context: override sliding_window to exercise it
             # Not head_dim, so a scale taken from head_dim shows; the sharper attention also keeps outputs varied.
             kwargs.update(query_pre_attn_scalar=head_dim // 2)
+    if arch in ("starcoder2", "olmo", "stablelm", "cohere"):
+        del kwargs["rms_norm_eps"]  # LayerNorm families: their own eps key (norm_epsilon, layer_norm_eps) or none
     if "rope_scaling" in overrides:  # legacy spelling: fold it into rope_parameters (transformers 5 style)
         scaling = dict(overrides.pop("rope_scaling") or {})
         if "type" in scaling and "rope_type" not in scaling:
@@ -235,6 +245,11 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         "olmo2": Olmo2Config,
         "gemma": GemmaConfig,
         "gemma2": Gemma2Config,
+        "phi3": Phi3Config,
+        "starcoder2": Starcoder2Config,
+        "olmo": OlmoConfig,
+        "stablelm": StableLmConfig,
+        "cohere": CohereConfig,
     }[arch]
     return cls(**kwargs)
 
@@ -261,9 +276,11 @@ def _spread_init(model: Any, eos_id: int) -> None:
                     module.bias.normal_(0.0, _BIAS_STD)
             elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
                 # q/k norms (Qwen3, Olmo2) undo the q/k gains above; larger weights restore the sharp attention.
-                center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") else 1.0
+                center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") or _PER_HEAD_QK_NORM in name else 1.0
                 offset = 1.0 if type(module).__name__.startswith("Gemma") else 0.0  # Gemma scales by 1 + weight
                 module.weight.normal_(center - offset, _NORM_STD * center)
+                if getattr(module, "bias", None) is not None:  # LayerNorm biases (StableLM, Starcoder2)
+                    module.bias.normal_(0.0, _BIAS_STD)
         head = model.get_output_embeddings().weight
         if tied:  # unit-std rows would give logits of std sqrt(hidden): far too peaked for sampling tests
             head.mul_(_GAINS["lm_head"] / math.sqrt(head.shape[1]))

@@ -9,6 +9,11 @@ from rayinfer.workers.models.gemma2 import Gemma2ForCausalLM
 from rayinfer.workers.models.llama import LlamaForCausalLM
 from rayinfer.workers.models.olmo2 import Olmo2ForCausalLM
 from rayinfer.workers.models.qwen3 import Qwen3ForCausalLM
+from rayinfer.workers.models.cohere import CohereForCausalLM
+from rayinfer.workers.models.olmo import OlmoForCausalLM
+from rayinfer.workers.models.phi3 import Phi3ForCausalLM
+from rayinfer.workers.models.stablelm import StableLmForCausalLM
+from rayinfer.workers.models.starcoder2 import Starcoder2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -19,6 +24,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
+    "OlmoForCausalLM": OlmoForCausalLM,
+    "StableLmForCausalLM": StableLmForCausalLM,
+    "CohereForCausalLM": CohereForCausalLM,
 }
 
 

@@ -294,7 +294,22 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 head.div_(shrink)
                 offset = 1.0 if type(final_norm).__name__.startswith("Gemma") else 0.0
                 final_norm.weight.add_(offset).mul_(shrink).sub_(offset)
+            if model.config.model_type in _EXTRA_SHRUNK_TIED_EMBED_MODEL_TYPES and final_norm is not None:
+                _shrink_tied_embeddings(head, final_norm)
         head[eos_id].mul_(_EOS_ROW_SCALE)
+
+
+# Tied Phi-3, Starcoder2 and StableLM models loop on a token or two even with the shrunk shared rows above: shrink
+# them further (a smaller input embedding) and grow the final norm by as much, so the logits keep their spread.
+_EXTRA_SHRUNK_TIED_EMBED_MODEL_TYPES = ("phi3", "starcoder2", "stablelm")
+_TIED_EMBED_EXTRA_SHRINK = 4.0
+
+
+def _shrink_tied_embeddings(head: Any, final_norm: Any) -> None:
+    head.div_(_TIED_EMBED_EXTRA_SHRINK)
+    final_norm.weight.mul_(_TIED_EMBED_EXTRA_SHRINK)
+    if getattr(final_norm, "bias", None) is not None:
+        final_norm.bias.mul_(_TIED_EMBED_EXTRA_SHRINK)
 
 
 def build_tiny_checkpoint(

@@ -37,7 +37,8 @@ def normalize_phi3_config(cfg: Config) -> Config:
         kind = (cfg.get(key) or {}).get("rope_type") or (cfg.get(key) or {}).get("type")
         if kind not in (None, "default"):
             raise ValueError(
-                f"{key} type {kind!r} (LongRoPE) is not supported for Phi-3; only rope_type 'default' is"
+                f"rope_scaling ({key}) type {kind!r} (LongRoPE) is not supported for Phi-3; only rope_type "
+                "'default' is"
             )
     return cfg
 

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from rayinfer.kernels.triton_compat import HAS_TRITON
 from rayinfer.workers.model_config import check_tensor_parallel, load_model_spec
 
 NEW_TOKENS = 24
@@ -266,3 +267,21 @@ def test_tensor_parallel_two_matches_transformers(
     finally:
         llm.shutdown()  # frees the two workers' CPU slots for the next engine
     assert [out.outputs[0].token_ids for out in outputs] == reference
+
+
+# The Triton kernels these families add to Llama's (LayerNorm with and without bias, per-head LayerNorm, GPT-J
+# rotary, partial rotary), forced on (the interpreter runs them on CPU; a GPU runs them compiled).
+TRITON_CONFIGS = ["cohere-qknorm-tied-bias", "stablelm-sequential-qknorm-bias", "olmo-gqa-clip"]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")
+@pytest.mark.parametrize("name", TRITON_CONFIGS)
+def test_triton_kernels_match_transformers(
+    name: str, tiny_checkpoint, hf_greedy, coverage_prompts, rayinfer_greedy, monkeypatch
+) -> None:
+    monkeypatch.setenv("RAYINFER_KERNEL_BACKEND", "triton")
+    arch, overrides = CONFIGS[name]
+    model_dir = tiny_checkpoint(arch, **overrides)
+    prompts = coverage_prompts(model_dir)[:3]
+    reference = hf_greedy(model_dir, prompts, NEW_TOKENS)
+    assert rayinfer_greedy(model_dir, prompts, NEW_TOKENS, max_num_batched_tokens=16) == reference

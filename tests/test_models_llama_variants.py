@@ -110,11 +110,28 @@ def test_per_head_norms_equal_transformers_modules() -> None:
 
     from rayinfer.workers.layers.layernorm_variants import PerHeadLayerNorm
 
+    class Stored:  # a checkpoint tensor as the loaders see it
+        def __init__(self, name: str, tensor: torch.Tensor) -> None:
+            self.name, self.tensor, self.shape = name, tensor, tuple(tensor.shape)
+
+        def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+            return self.tensor.narrow(dim, start, length)
+
+        def full(self) -> torch.Tensor:
+            return self.tensor
+
     heads, head_dim, tokens = 3, 8, 5
     weight = torch.randn(heads, head_dim)
     ours = PerHeadLayerNorm(heads, head_dim, 1e-5)
-    ours.weight.data.copy_(weight)
+    ours.weight.weight_loader(ours.weight, Stored("self_attn.q_norm.weight", weight))  # Cohere: one tensor
+    per_head = PerHeadLayerNorm(heads, head_dim, 1e-5)
+    for h in (2, 0):
+        per_head.weight.weight_loader(per_head.weight, Stored(f"q_layernorm.norms.{h}.weight", weight[h]))
     x = torch.randn(tokens, heads * head_dim)
+    with pytest.raises(ValueError, match=r"no norm weight for heads \[1\]"):
+        per_head(x)  # StableLM: a head's tensor is missing
+    per_head.weight.weight_loader(per_head.weight, Stored("q_layernorm.norms.1.weight", weight[1]))
+    torch.testing.assert_close(per_head.weight, weight, rtol=0, atol=0)
     stablelm = StableLmLayerNormPerHead(head_dim, heads, eps=1e-5)
     for h, norm in enumerate(stablelm.norms):
         norm.weight.data.copy_(weight[h])

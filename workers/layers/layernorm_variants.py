@@ -76,21 +76,28 @@ class PerHeadLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_heads, head_dim), requires_grad=False)
         self.weight.weight_loader = self.load_heads
         self.register_buffer("unit_weight", torch.ones(head_dim), persistent=False)
+        # Rows no checkpoint tensor has filled yet: the loader's own check sees one parameter, not its rows.
+        self.unloaded_heads = set(range(first_head, first_head + num_heads))
 
     def load_heads(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
         if len(loaded.shape) == 2:  # every head's row in one tensor
             if loaded.shape[1] != self.head_dim:
                 raise ValueError(f"checkpoint tensor {loaded.name} of shape {loaded.shape} does not fit head_dim {self.head_dim}")
             param.data.copy_(loaded.narrow(0, self.first_head, self.num_heads))
+            self.unloaded_heads.clear()
             return
         match = _HEAD_INDEX.search(loaded.name)
         if match is None or loaded.shape != (self.head_dim,):
             raise ValueError(f"checkpoint tensor {loaded.name} of shape {loaded.shape} is not a per-head norm weight")
-        row = int(match.group(1)) - self.first_head
-        if 0 <= row < self.num_heads:  # another rank's head: nothing to read
-            param.data[row].copy_(loaded.full())
+        head = int(match.group(1))
+        if self.first_head <= head < self.first_head + self.num_heads:
+            param.data[head - self.first_head].copy_(loaded.full())
+            self.unloaded_heads.discard(head)
+        # else: another rank's head, nothing to read
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unloaded_heads:
+            raise ValueError(f"the checkpoint has no norm weight for heads {sorted(self.unloaded_heads)}")
         tokens = x.shape[0]
         heads = x.reshape(tokens, self.num_heads, self.head_dim)
         normed = kernels.layer_norm(heads, self.unit_weight, None, self.eps)

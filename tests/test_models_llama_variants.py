@@ -33,7 +33,9 @@ CONFIGS = {
     ),
     "starcoder2-gqa-window": ("starcoder2", {"sliding_window": WINDOW}),
     "starcoder2-gqa-tied": ("starcoder2", {"tie_word_embeddings": True}),  # its checkpoints tie the head
-    "starcoder2-mqa-nobias-erf-gelu": ("starcoder2", {"num_key_value_heads": 1, "use_bias": False, "hidden_act": "gelu"}),
+    "starcoder2-mqa-nobias-erf-gelu": (
+        "starcoder2", {"num_key_value_heads": 1, "use_bias": False, "hidden_act": "gelu"}
+    ),
     "olmo-gqa-clip": ("olmo", {"clip_qkv": CLIP_QKV}),
     "olmo-mha-tied-bias": ("olmo", {"num_key_value_heads": 4, "tie_word_embeddings": True, "attention_bias": True}),
     "stablelm-sequential-qknorm-bias": ("stablelm", {"qk_layernorm": True, "use_qkv_bias": True}),
@@ -220,7 +222,9 @@ SHARDED = {
     "phi3-gqa": ("phi3", CONFIGS["phi3-gqa"][1]),
     "phi3-mqa": ("phi3", CONFIGS["phi3-mqa-window-partial-tied"][1]),
     "stablelm-qknorm-gqa": ("stablelm", CONFIGS["stablelm-sequential-qknorm-bias"][1]),
-    "stablelm-qknorm-mqa": ("stablelm", {"qk_layernorm": True, "num_key_value_heads": 1, "use_parallel_residual": True}),
+    "stablelm-qknorm-mqa": (
+        "stablelm", {"qk_layernorm": True, "num_key_value_heads": 1, "use_parallel_residual": True}
+    ),
     "cohere-qknorm-gqa": ("cohere", CONFIGS["cohere-qknorm-tied-bias"][1]),
     "starcoder2-bias": ("starcoder2", CONFIGS["starcoder2-gqa-window"][1]),
     "olmo-clip": ("olmo", CONFIGS["olmo-gqa-clip"][1]),
@@ -245,7 +249,8 @@ def test_each_rank_of_two_holds_its_heads(name: str, tiny_checkpoint) -> None:
         attn = layer.self_attn
         expected = torch.cat([_half(q, rank), _half(k, rank, kv_split), _half(v, rank, kv_split)])
         torch.testing.assert_close(attn.qkv_proj.weight, expected, rtol=0, atol=0)
-        torch.testing.assert_close(attn.o_proj.weight, whole.self_attn.o_proj.weight.chunk(2, dim=1)[rank], rtol=0, atol=0)
+        o_columns = whole.self_attn.o_proj.weight.chunk(2, dim=1)[rank]
+        torch.testing.assert_close(attn.o_proj.weight, o_columns, rtol=0, atol=0)
         if hasattr(layer.mlp, "gate_up_proj"):
             gate, up = whole.mlp.gate_up_proj.weight.chunk(2)
             expected = torch.cat([_half(gate, rank), _half(up, rank)])

@@ -82,7 +82,9 @@ class PerHeadLayerNorm(nn.Module):
     def load_heads(self, param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
         if len(loaded.shape) == 2:  # every head's row in one tensor
             if loaded.shape[1] != self.head_dim:
-                raise ValueError(f"checkpoint tensor {loaded.name} of shape {loaded.shape} does not fit head_dim {self.head_dim}")
+                raise ValueError(
+                    f"checkpoint tensor {loaded.name} of shape {loaded.shape} does not fit head_dim {self.head_dim}"
+                )
             param.data.copy_(loaded.narrow(0, self.first_head, self.num_heads))
             self.unloaded_heads.clear()
             return

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma", "gemma2")
 SUPPORTED_TINY_ARCHS += ("qwen2_moe", "mixtral")  # mixtures of experts
+SUPPORTED_TINY_ARCHS += ("phi3", "starcoder2", "olmo", "stablelm", "cohere")
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -181,6 +182,7 @@ _GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head":
 # Mixture-of-experts routers: logits of std ~2 give each token a clear top-k (no near-ties that rounding could
 # flip) while different tokens still pick different experts.
 _ROUTER_GAIN = 2.0
+_GAINS["qkv_proj"] = 1.5  # Phi-3's fused q/k/v
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
 _NORM_STD = 0.2
@@ -188,12 +190,14 @@ _QK_NORM_CENTER = 2.0
 _EMBED_STD = 1.0
 _SCALED_TIED_EMBED_SHRINK = 16.0  # see _spread_init: tied heads of models that scale their embeddings (Gemma)
 _EOS_ROW_SCALE = 0.05  # EOS logit ~0 while the top logit is ~3 std up: random generations rarely stop early
+_PER_HEAD_QK_NORM = "_layernorm.norms."  # StableLM's per-head q/k LayerNorms (q_layernorm.norms.<h>)
 INITIALIZER_RANGE = 0.1  # recorded in config.json; the weights themselves come from _spread_init
 
 
 def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, int], overrides: dict[str, Any]) -> Any:
     """Builds the transformers config; `overrides` win over the size preset (e.g. num_key_value_heads=1)."""
     from transformers import (
+        CohereConfig,
         Gemma2Config,
         GemmaConfig,
         GraniteConfig,
@@ -201,9 +205,13 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         MistralConfig,
         MixtralConfig,
         Olmo2Config,
+        OlmoConfig,
+        Phi3Config,
         Qwen2Config,
         Qwen2MoeConfig,
         Qwen3Config,
+        StableLmConfig,
+        Starcoder2Config,
     )
 
     if arch not in SUPPORTED_TINY_ARCHS:
@@ -240,6 +248,8 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         )
     if arch == "mixtral":  # 4 experts of half the dense width, top-2; sliding_window stays null unless overridden
         kwargs.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=kwargs["intermediate_size"] // 2)
+    if arch in ("starcoder2", "olmo", "stablelm", "cohere"):
+        del kwargs["rms_norm_eps"]  # LayerNorm families: their own eps key (norm_epsilon, layer_norm_eps) or none
     if "rope_scaling" in overrides:  # legacy spelling: fold it into rope_parameters (transformers 5 style)
         scaling = dict(overrides.pop("rope_scaling") or {})
         if "type" in scaling and "rope_type" not in scaling:
@@ -259,6 +269,11 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         "gemma2": Gemma2Config,
         "qwen2_moe": Qwen2MoeConfig,
         "mixtral": MixtralConfig,
+        "phi3": Phi3Config,
+        "starcoder2": Starcoder2Config,
+        "olmo": OlmoConfig,
+        "stablelm": StableLmConfig,
+        "cohere": CohereConfig,
     }[arch]
     return cls(**kwargs)
 
@@ -291,9 +306,11 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 module.weight.normal_(0.0, _ROUTER_GAIN / math.sqrt(module.weight.shape[1]))  # an MoE router
             elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
                 # q/k norms (Qwen3, Olmo2) undo the q/k gains above; larger weights restore the sharp attention.
-                center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") else 1.0
+                center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") or _PER_HEAD_QK_NORM in name else 1.0
                 offset = 1.0 if type(module).__name__.startswith("Gemma") else 0.0  # Gemma scales by 1 + weight
                 module.weight.normal_(center - offset, _NORM_STD * center)
+                if getattr(module, "bias", None) is not None:  # LayerNorm biases (StableLM, Starcoder2)
+                    module.bias.normal_(0.0, _BIAS_STD)
         head = model.get_output_embeddings().weight
         if tied:  # unit-std rows would give logits of std sqrt(hidden): far too peaked for sampling tests
             head.mul_(_GAINS["lm_head"] / math.sqrt(head.shape[1]))
@@ -307,7 +324,22 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 head.div_(shrink)
                 offset = 1.0 if type(final_norm).__name__.startswith("Gemma") else 0.0
                 final_norm.weight.add_(offset).mul_(shrink).sub_(offset)
+            if model.config.model_type in _EXTRA_SHRUNK_TIED_EMBED_MODEL_TYPES and final_norm is not None:
+                _shrink_tied_embeddings(head, final_norm)
         head[eos_id].mul_(_EOS_ROW_SCALE)
+
+
+# Tied Phi-3, Starcoder2 and StableLM models loop on a token or two even with the shrunk shared rows above: shrink
+# them further (a smaller input embedding) and grow the final norm by as much, so the logits keep their spread.
+_EXTRA_SHRUNK_TIED_EMBED_MODEL_TYPES = ("phi3", "starcoder2", "stablelm")
+_TIED_EMBED_EXTRA_SHRINK = 4.0
+
+
+def _shrink_tied_embeddings(head: Any, final_norm: Any) -> None:
+    head.div_(_TIED_EMBED_EXTRA_SHRINK)
+    final_norm.weight.mul_(_TIED_EMBED_EXTRA_SHRINK)
+    if getattr(final_norm, "bias", None) is not None:
+        final_norm.bias.mul_(_TIED_EMBED_EXTRA_SHRINK)
 
 
 def build_tiny_checkpoint(

@@ -44,3 +44,48 @@ def _qwen2_moe(cfg: Config) -> Config:
 
 
 CONFIG_NORMALIZERS["qwen2_moe"] = _qwen2_moe
+
+
+# --- Llama-shaped variants (Phi-3, Starcoder2, OLMo, StableLM, Cohere): their LayerNorm eps and bias keys. ---
+def normalize_phi3_config(cfg: Config) -> Config:
+    """Phi-3's LongRoPE (rope_scaling type longrope, or its old names su / yarn) picks short or long frequency
+    factors by sequence length; this engine does not implement it, so such a config is refused here, by name."""
+    for key in ("rope_scaling", "rope_parameters"):
+        kind = (cfg.get(key) or {}).get("rope_type") or (cfg.get(key) or {}).get("type")
+        if kind not in (None, "default"):
+            raise ValueError(
+                f"rope_scaling ({key}) type {kind!r} (LongRoPE) is not supported for Phi-3; only rope_type "
+                "'default' is"
+            )
+    return cfg
+
+
+def _layer_norm_eps(cfg: Config, key: str) -> Config:
+    """The family's own LayerNorm eps (transformers' default 1e-5) as the common eps; it wins over any stray
+    rms_norm_eps, which these families' modeling code never reads."""
+    value = cfg.get(key)
+    return {**cfg, "rms_norm_eps": 1e-5 if value is None else float(value)}
+
+
+def normalize_starcoder2_config(cfg: Config) -> Config:
+    use_bias = bool(cfg.get("use_bias", True))  # transformers' default: every projection has a bias
+    return {**_layer_norm_eps(cfg, "norm_epsilon"), "attention_bias": use_bias, "mlp_bias": use_bias}
+
+
+def normalize_olmo_config(cfg: Config) -> Config:
+    return {**cfg, "rms_norm_eps": 1e-5}  # OLMo v1's LayerNorm eps is a constant in transformers, not a config key
+
+
+def normalize_stablelm_config(cfg: Config) -> Config:
+    out = _layer_norm_eps(cfg, "layer_norm_eps")
+    params = out.get("rope_parameters") or {}
+    if "partial_rotary_factor" not in params and "partial_rotary_factor" not in out:
+        out["partial_rotary_factor"] = 0.25  # transformers' default for StableLM
+    return out
+
+
+CONFIG_NORMALIZERS["phi3"] = normalize_phi3_config
+CONFIG_NORMALIZERS["starcoder2"] = normalize_starcoder2_config
+CONFIG_NORMALIZERS["olmo"] = normalize_olmo_config
+CONFIG_NORMALIZERS["stablelm"] = normalize_stablelm_config
+CONFIG_NORMALIZERS["cohere"] = lambda cfg: _layer_norm_eps(cfg, "layer_norm_eps")

@@ -4,13 +4,18 @@ from __future__ import annotations
 from torch import nn
 
 from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.models.cohere import CohereForCausalLM
 from rayinfer.workers.models.gemma import GemmaForCausalLM
 from rayinfer.workers.models.gemma2 import Gemma2ForCausalLM
 from rayinfer.workers.models.llama import LlamaForCausalLM
 from rayinfer.workers.models.mixtral import MixtralForCausalLM
+from rayinfer.workers.models.olmo import OlmoForCausalLM
 from rayinfer.workers.models.olmo2 import Olmo2ForCausalLM
+from rayinfer.workers.models.phi3 import Phi3ForCausalLM
 from rayinfer.workers.models.qwen2_moe import Qwen2MoeForCausalLM
 from rayinfer.workers.models.qwen3 import Qwen3ForCausalLM
+from rayinfer.workers.models.stablelm import StableLmForCausalLM
+from rayinfer.workers.models.starcoder2 import Starcoder2ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -23,6 +28,11 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Starcoder2ForCausalLM": Starcoder2ForCausalLM,
+    "OlmoForCausalLM": OlmoForCausalLM,
+    "StableLmForCausalLM": StableLmForCausalLM,
+    "CohereForCausalLM": CohereForCausalLM,
 }
 
 

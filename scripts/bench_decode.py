@@ -64,15 +64,17 @@ def kv_bytes_per_step(engine: Engine, context_lens: list[int]) -> int:
 def gpu_kernel_ms(engine: Engine, steps: int, top: int = 0) -> float | None:
     """Sum of the kernels' own device time per step, from torch.profiler (None where it is unavailable)."""
     try:
+        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
                 engine.step()
             torch.cuda.synchronize()
-        events = prof.key_averages()
-        total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
-        for e in sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0.0))[:top]:
+        # Kernel rows only: a CPU op's row (aten::mm) repeats the device time of the kernels it launched.
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        total_us = sum(e.self_device_time_total for e in events)
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
             print(f"    {e.self_device_time_total / 1e3 / steps:8.3f} ms/step  x{e.count // steps:<4d} {e.key[:90]}")
         return total_us / 1e3 / steps
     except Exception as exc:  # the profiler is a diagnostic: the step times stand without it

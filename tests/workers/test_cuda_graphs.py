@@ -69,12 +69,14 @@ def test_padded_static_buffers_give_the_eager_tokens(llama_dir) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_equal_eager_and_transformers(llama_dir, hf_greedy) -> None:
-    graphed = LLM(str(llama_dir), dtype="float32", max_num_seqs=8, max_num_batched_tokens=16)
+    # A small fixed pool each: by default the first engine would take 90% of the GPU and leave the second none.
+    pool = dict(kv_cache_memory_bytes=32 << 20)
+    graphed = LLM(str(llama_dir), dtype="float32", max_num_seqs=8, max_num_batched_tokens=16, **pool)
     runner = graphed.engine.executor.worker.runner
     assert runner.graphs is not None and sorted(runner.graphs.graphs) == [1, 2, 4, 8]
     prompts = [graphed.get_tokenizer().encode(p) for p in PROMPTS]
     ours = _greedy(graphed, prompts)
-    eager = LLM(str(llama_dir), dtype="float32", max_num_seqs=8, max_num_batched_tokens=16, enforce_eager=True)
+    eager = LLM(str(llama_dir), dtype="float32", max_num_seqs=8, max_num_batched_tokens=16, enforce_eager=True, **pool)
     assert eager.engine.executor.worker.runner.graphs is None
     assert ours == _greedy(eager, prompts)
     assert ours == [hf_greedy(llama_dir, [p], 6 + 5 * i)[0] for i, p in enumerate(prompts)]

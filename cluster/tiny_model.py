@@ -20,7 +20,11 @@ if TYPE_CHECKING:  # transformers is heavy; import it only when a checkpoint is 
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma", "gemma2")
+SUPPORTED_TINY_ARCHS = (
+    "llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma", "gemma2", "gpt2", "gpt_bigcode", "opt", "bloom"
+)
+# Learned-position / ALiBi LayerNorm families: their configs take none of the Llama keys (rope, rms_norm_eps, KV heads).
+_LAYER_NORM_ARCHS = ("gpt2", "gpt_bigcode", "opt", "bloom")
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -169,12 +173,14 @@ _SIZES: dict[str, dict[str, Any]] = {
 # attention pick out particular earlier tokens, so outputs depend on context and KV-cache bugs change tokens;
 # much sharper (gain 3) amplifies float32 rounding 10x, and a large o_proj over diffuse attention makes loops.
 _GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head": 2.0}
+_GAINS.update(c_attn=1.5, query_key_value=1.5)  # fused q/k/v projections (GPT-2, GPT-BigCode; Bloom)
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
 _NORM_STD = 0.2
 _QK_NORM_CENTER = 2.0
 _EMBED_STD = 1.0
 _SCALED_TIED_EMBED_SHRINK = 16.0  # see _spread_init: tied heads of models that scale their embeddings (Gemma)
+_TIED_FINAL_NORM_STD = 1.0
 _EOS_ROW_SCALE = 0.05  # EOS logit ~0 while the top logit is ~3 std up: random generations rarely stop early
 INITIALIZER_RANGE = 0.1  # recorded in config.json; the weights themselves come from _spread_init
 
@@ -196,6 +202,8 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         raise ValueError(f"Unknown tiny arch {arch!r}; choose one of {SUPPORTED_TINY_ARCHS}")
     if size not in _SIZES:
         raise ValueError(f"Unknown tiny size {size!r}; choose one of {tuple(_SIZES)}")
+    if arch in _LAYER_NORM_ARCHS:
+        return _make_layer_norm_config(arch, size, vocab_size, special_ids, overrides)
     kwargs: dict[str, Any] = dict(
         {k: v for k, v in _SIZES[size].items() if k != "vocab_size"},
         vocab_size=vocab_size,
@@ -239,6 +247,31 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
     return cls(**kwargs)
 
 
+def _make_layer_norm_config(
+    arch: str, size: str, vocab_size: int, special_ids: dict[str, int], overrides: dict[str, Any]
+) -> Any:
+    """GPT-2, GPT-BigCode, OPT and Bloom configs from the size preset (their own defaults otherwise: tied heads,
+    GPT-2's n_inner None = 4 * hidden, BigCode's multi_query); `overrides` use each family's own keys."""
+    from transformers import BloomConfig, GPT2Config, GPTBigCodeConfig, OPTConfig
+
+    preset = _SIZES[size]
+    kwargs: dict[str, Any] = dict(
+        hidden_size=preset["hidden_size"],
+        num_hidden_layers=preset["num_hidden_layers"],
+        num_attention_heads=preset["num_attention_heads"],
+        vocab_size=vocab_size,
+        initializer_range=INITIALIZER_RANGE,
+        **special_ids,
+    )
+    if arch != "bloom":  # ALiBi: no position table
+        kwargs["max_position_embeddings"] = 512
+    if arch == "opt":
+        kwargs["ffn_dim"] = preset["intermediate_size"]
+    kwargs.update(overrides)
+    cls = {"gpt2": GPT2Config, "gpt_bigcode": GPTBigCodeConfig, "opt": OPTConfig, "bloom": BloomConfig}[arch]
+    return cls(**kwargs)
+
+
 def _spread_init(model: Any, eos_id: int) -> None:
     """Re-initialises every weight so greedy decoding wanders, depends on context, and has clear argmaxes.
 
@@ -259,11 +292,16 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 module.weight.normal_(0.0, gain / math.sqrt(module.in_features))
                 if module.bias is not None:
                     module.bias.normal_(0.0, _BIAS_STD)
+            elif type(module).__name__ == "Conv1D":  # GPT-2's linear, weight stored [in, out]
+                module.weight.normal_(0.0, _GAINS.get(leaf, _DEFAULT_GAIN) / math.sqrt(module.weight.shape[0]))
+                module.bias.normal_(0.0, _BIAS_STD)
             elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
                 # q/k norms (Qwen3, Olmo2) undo the q/k gains above; larger weights restore the sharp attention.
                 center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") else 1.0
                 offset = 1.0 if type(module).__name__.startswith("Gemma") else 0.0  # Gemma scales by 1 + weight
                 module.weight.normal_(center - offset, _NORM_STD * center)
+                if getattr(module, "bias", None) is not None:  # LayerNorm
+                    module.bias.normal_(0.0, _BIAS_STD)
         head = model.get_output_embeddings().weight
         if tied:  # unit-std rows would give logits of std sqrt(hidden): far too peaked for sampling tests
             head.mul_(_GAINS["lm_head"] / math.sqrt(head.shape[1]))
@@ -277,6 +315,11 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 head.div_(shrink)
                 offset = 1.0 if type(final_norm).__name__.startswith("Gemma") else 0.0
                 final_norm.weight.add_(offset).mul_(shrink).sub_(offset)
+            # Bloom normalises the embeddings, so the residual stream carries the current token's (tied) row at
+            # full scale and the head echoes it. Final-norm weights of random sign break that alignment.
+            embed_norm = getattr(model.base_model, "word_embeddings_layernorm", None)
+            if embed_norm is not None:
+                model.base_model.ln_f.weight.normal_(0.0, _TIED_FINAL_NORM_STD)
         head[eos_id].mul_(_EOS_ROW_SCALE)
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 from torch import nn
 
 from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.models.bloom import BloomForCausalLM
 from rayinfer.workers.models.gemma import GemmaForCausalLM
 from rayinfer.workers.models.gemma2 import Gemma2ForCausalLM
+from rayinfer.workers.models.gpt2 import GPT2LMHeadModel
+from rayinfer.workers.models.gpt_bigcode import GPTBigCodeForCausalLM
 from rayinfer.workers.models.llama import LlamaForCausalLM
 from rayinfer.workers.models.olmo2 import Olmo2ForCausalLM
+from rayinfer.workers.models.opt import OPTForCausalLM
 from rayinfer.workers.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
@@ -19,6 +23,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+    "GPTBigCodeForCausalLM": GPTBigCodeForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
+    "BloomForCausalLM": BloomForCausalLM,
 }
 
 

@@ -267,8 +267,11 @@ def _make_layer_norm_config(
         kwargs["max_position_embeddings"] = 512
     if arch == "opt":
         kwargs["ffn_dim"] = preset["intermediate_size"]
-    kwargs.update(overrides)
     cls = {"gpt2": GPT2Config, "gpt_bigcode": GPTBigCodeConfig, "opt": OPTConfig, "bloom": BloomConfig}[arch]
+    for common, native in getattr(cls, "attribute_map", {}).items():
+        if native in overrides:  # an override in the family's spelling (n_head=5) replaces the preset's value
+            kwargs.pop(common, None)
+    kwargs.update(overrides)
     return cls(**kwargs)
 
 

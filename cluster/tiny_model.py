@@ -173,7 +173,9 @@ _SIZES: dict[str, dict[str, Any]] = {
 # attention pick out particular earlier tokens, so outputs depend on context and KV-cache bugs change tokens;
 # much sharper (gain 3) amplifies float32 rounding 10x, and a large o_proj over diffuse attention makes loops.
 _GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head": 2.0}
-_GAINS.update(c_attn=1.5, query_key_value=1.5)  # fused q/k/v projections (GPT-2, GPT-BigCode; Bloom)
+# Fused q/k/v projections: GPT-2's and GPT-BigCode's c_attn as q/k/v; Bloom's query_key_value sharper, since with
+# ALiBi as its only position signal its random greedy outputs otherwise settle into short loops.
+_GAINS.update(c_attn=1.5, query_key_value=2.0)
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
 _NORM_STD = 0.2

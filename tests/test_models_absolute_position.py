@@ -131,7 +131,9 @@ def test_alibi_slopes_equal_transformers(num_heads: int) -> None:
     torch.testing.assert_close(alibi_slopes(num_heads), expected, rtol=0, atol=0)
 
 
-def test_alibi_slopes_change_the_output(tiny_checkpoint, coverage_prompts, rayinfer_greedy, hf_greedy, monkeypatch) -> None:
+def test_alibi_slopes_change_the_output(
+    tiny_checkpoint, coverage_prompts, rayinfer_greedy, hf_greedy, monkeypatch
+) -> None:
     """ALiBi is the only position signal Bloom has: slopes of the wrong heads give other tokens."""
     from rayinfer.workers.models import bloom
 
@@ -190,7 +192,8 @@ def test_checkpoint_name_variants_load_the_same_model(
 def test_unknown_checkpoint_tensor_is_still_refused(tiny_checkpoint, tmp_path: Path) -> None:
     """Ignoring GPT-2's attn.bias buffer must not swallow real tensors such as c_attn's bias."""
     target = tmp_path / "gpt2"
-    _rewrite_checkpoint(tiny_checkpoint("gpt2"), target, lambda n: n, {"transformer.h.0.attn.q_attn.weight": torch.ones(2)})
+    extra = {"transformer.h.0.attn.q_attn.weight": torch.ones(2)}
+    _rewrite_checkpoint(tiny_checkpoint("gpt2"), target, lambda n: n, extra)
     spec = load_model_spec(target)
     with pytest.raises(ValueError, match="does not use.*q_attn"):
         weight_loader.build_model(spec, target, torch.float32, torch.device("cpu"), 64)
@@ -277,7 +280,8 @@ def test_gpt_bigcode_ranks_split_queries_and_share_the_kv_head(tiny_checkpoint, 
 def test_per_head_qkv_rank_takes_a_block_of_heads(tiny_checkpoint, rank_one_of_two) -> None:
     """Bloom and multi-head BigCode lay q/k/v out per head ([heads, 3, head_dim]): rank 1 holds heads 2 and 3
     and the ALiBi slopes of those heads."""
-    for arch, name in [("bloom", "transformer.h.0.self_attention.query_key_value"), ("gpt_bigcode", "transformer.h.0.attn.c_attn")]:
+    fused = {"bloom": "transformer.h.0.self_attention.query_key_value", "gpt_bigcode": "transformer.h.0.attn.c_attn"}
+    for arch, name in fused.items():
         model_dir = tiny_checkpoint(arch, **({"multi_query": False} if arch == "gpt_bigcode" else {}))
         full = _full_tensors(model_dir)
         attn = _build(model_dir).model.layers[0].self_attn
@@ -351,7 +355,9 @@ def test_tensor_parallel_matches_transformers(
     [("bloom", BLOOM_ODD_HEADS), ("opt", OPT_POST_NORM)],
     ids=["bloom-alibi-odd-heads", "opt-post-norm"],
 )
-def test_triton_kernels_match_transformers(arch, overrides, tiny_checkpoint, coverage_prompts, hf_greedy, monkeypatch) -> None:
+def test_triton_kernels_match_transformers(
+    arch, overrides, tiny_checkpoint, coverage_prompts, hf_greedy, monkeypatch
+) -> None:
     """The Triton LayerNorm and paged attention with ALiBi slopes (the interpreter runs them on CPU)."""
     from rayinfer.cluster import LLM, SamplingParams
 

@@ -13,8 +13,6 @@ from torch import nn
 if TYPE_CHECKING:
     from rayinfer.workers.weight_loader import CheckpointTensor
 
-Loader = Any  # (param, CheckpointTensor-like, shard_id) -> None
-
 
 class TransposedTensor:
     """A 2-D checkpoint tensor stored [in, out] (GPT-2's Conv1D) seen as the [out, in] of a torch Linear."""

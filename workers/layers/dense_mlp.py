@@ -39,7 +39,12 @@ def activation_fn(name: str, field: str = "activation_function") -> Callable[[to
 
 class DenseMLP(nn.Module):
     def __init__(
-        self, hidden_size: int, intermediate_size: int, activation: str, bias: bool = True, field: str = "activation_function"
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str,
+        bias: bool = True,
+        field: str = "activation_function",
     ) -> None:
         super().__init__()
         self.act = activation_fn(activation, field)

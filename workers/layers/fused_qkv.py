@@ -37,7 +37,9 @@ class BlockQKVLinear(QKVParallelLinear):
             return
         expected = sum(self.source_rows.values())
         if loaded.shape[0] != expected:
-            raise ValueError(f"fused q/k/v tensor {loaded.name} has {loaded.shape[0]} rows; config.json says {expected}")
+            raise ValueError(
+                f"fused q/k/v tensor {loaded.name} has {loaded.shape[0]} rows; config.json says {expected}"
+            )
         start = 0
         for part, rows in self.source_rows.items():
             self.load_shard(param, RowRange(loaded, start, rows), part)

@@ -6,7 +6,8 @@ and it takes the ALiBi slopes of those heads. With apply_residual_connection_pos
 the normed inputs instead of the block inputs.
 
 Bloom's GELU is 0.5x(1 + tanh(0.79788456 x (1 + 0.044715 x^2))): the tanh approximation of torch (the constant is
-sqrt(2/pi) rounded to the same float32).
+sqrt(2/pi) rounded to the same float32). pretraining_tp with slow_but_exact only makes transformers sum the output
+projections in slices: the same product, so it needs nothing here.
 """
 from __future__ import annotations
 

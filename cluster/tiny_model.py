@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 SUPPORTED_TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "granite", "olmo2", "gemma", "gemma2")
 SUPPORTED_TINY_ARCHS += ("qwen2_moe", "mixtral")  # mixtures of experts
 SUPPORTED_TINY_ARCHS += ("phi3", "starcoder2", "olmo", "stablelm", "cohere")
+# Learned-position / ALiBi LayerNorm families: their configs take none of the Llama keys (rope, rms_norm_eps, KV heads).
+_LAYER_NORM_ARCHS = ("gpt2", "gpt_bigcode", "opt", "bloom")
+SUPPORTED_TINY_ARCHS += _LAYER_NORM_ARCHS
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -183,12 +186,16 @@ _GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head":
 # flip) while different tokens still pick different experts.
 _ROUTER_GAIN = 2.0
 _GAINS["qkv_proj"] = 1.5  # Phi-3's fused q/k/v
+# Fused q/k/v projections: GPT-2's and GPT-BigCode's c_attn as q/k/v; Bloom's query_key_value sharper, since with
+# ALiBi as its only position signal its random greedy outputs otherwise settle into short loops.
+_GAINS.update(c_attn=1.5, query_key_value=2.0)
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
 _NORM_STD = 0.2
 _QK_NORM_CENTER = 2.0
 _EMBED_STD = 1.0
 _SCALED_TIED_EMBED_SHRINK = 16.0  # see _spread_init: tied heads of models that scale their embeddings (Gemma)
+_TIED_FINAL_NORM_STD = 1.0
 _EOS_ROW_SCALE = 0.05  # EOS logit ~0 while the top logit is ~3 std up: random generations rarely stop early
 _PER_HEAD_QK_NORM = "_layernorm.norms."  # StableLM's per-head q/k LayerNorms (q_layernorm.norms.<h>)
 INITIALIZER_RANGE = 0.1  # recorded in config.json; the weights themselves come from _spread_init
@@ -218,6 +225,8 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         raise ValueError(f"Unknown tiny arch {arch!r}; choose one of {SUPPORTED_TINY_ARCHS}")
     if size not in SIZES:
         raise ValueError(f"Unknown tiny size {size!r}; choose one of {tuple(SIZES)}")
+    if arch in _LAYER_NORM_ARCHS:
+        return _make_layer_norm_config(arch, size, vocab_size, special_ids, overrides)
     preset = SIZES[size]
     kwargs: dict[str, Any] = dict(
         max_position_embeddings=512,
@@ -278,6 +287,34 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
     return cls(**kwargs)
 
 
+def _make_layer_norm_config(
+    arch: str, size: str, vocab_size: int, special_ids: dict[str, int], overrides: dict[str, Any]
+) -> Any:
+    """GPT-2, GPT-BigCode, OPT and Bloom configs from the size preset (their own defaults otherwise: tied heads,
+    GPT-2's n_inner None = 4 * hidden, BigCode's multi_query); `overrides` use each family's own keys."""
+    from transformers import BloomConfig, GPT2Config, GPTBigCodeConfig, OPTConfig
+
+    preset = SIZES[size]
+    kwargs: dict[str, Any] = dict(
+        hidden_size=preset["hidden_size"],
+        num_hidden_layers=preset["num_hidden_layers"],
+        num_attention_heads=preset["num_attention_heads"],
+        vocab_size=vocab_size,
+        initializer_range=INITIALIZER_RANGE,
+        **special_ids,
+    )
+    if arch != "bloom":  # ALiBi: no position table
+        kwargs["max_position_embeddings"] = 512
+    if arch == "opt":
+        kwargs["ffn_dim"] = preset["intermediate_size"]
+    cls = {"gpt2": GPT2Config, "gpt_bigcode": GPTBigCodeConfig, "opt": OPTConfig, "bloom": BloomConfig}[arch]
+    for common, native in getattr(cls, "attribute_map", {}).items():
+        if native in overrides:  # an override in the family's spelling (n_head=5) replaces the preset's value
+            kwargs.pop(common, None)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
 def _spread_init(model: Any, eos_id: int) -> None:
     """Re-initialises every weight so greedy decoding wanders, depends on context, and has clear argmaxes.
 
@@ -304,12 +341,15 @@ def _spread_init(model: Any, eos_id: int) -> None:
                     param.normal_(0.0, _DEFAULT_GAIN / math.sqrt(param.shape[-1]))
             elif leaf == "gate" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
                 module.weight.normal_(0.0, _ROUTER_GAIN / math.sqrt(module.weight.shape[1]))  # an MoE router
+            elif type(module).__name__ == "Conv1D":  # GPT-2's linear, weight stored [in, out]
+                module.weight.normal_(0.0, _GAINS.get(leaf, _DEFAULT_GAIN) / math.sqrt(module.weight.shape[0]))
+                module.bias.normal_(0.0, _BIAS_STD)
             elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
                 # q/k norms (Qwen3, Olmo2) undo the q/k gains above; larger weights restore the sharp attention.
                 center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") or _PER_HEAD_QK_NORM in name else 1.0
                 offset = 1.0 if type(module).__name__.startswith("Gemma") else 0.0  # Gemma scales by 1 + weight
                 module.weight.normal_(center - offset, _NORM_STD * center)
-                if getattr(module, "bias", None) is not None:  # LayerNorm biases (StableLM, Starcoder2)
+                if getattr(module, "bias", None) is not None:  # LayerNorm biases
                     module.bias.normal_(0.0, _BIAS_STD)
         head = model.get_output_embeddings().weight
         if tied:  # unit-std rows would give logits of std sqrt(hidden): far too peaked for sampling tests
@@ -326,6 +366,11 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 final_norm.weight.add_(offset).mul_(shrink).sub_(offset)
             if model.config.model_type in _EXTRA_SHRUNK_TIED_EMBED_MODEL_TYPES and final_norm is not None:
                 _shrink_tied_embeddings(head, final_norm)
+            # Bloom normalises the embeddings, so the residual stream carries the current token's (tied) row at
+            # full scale and the head echoes it. Final-norm weights of random sign break that alignment.
+            embed_norm = getattr(model.base_model, "word_embeddings_layernorm", None)
+            if embed_norm is not None:
+                model.base_model.ln_f.weight.normal_(0.0, _TIED_FINAL_NORM_STD)
         head[eos_id].mul_(_EOS_ROW_SCALE)
 
 

@@ -89,3 +89,39 @@ CONFIG_NORMALIZERS["starcoder2"] = normalize_starcoder2_config
 CONFIG_NORMALIZERS["olmo"] = normalize_olmo_config
 CONFIG_NORMALIZERS["stablelm"] = normalize_stablelm_config
 CONFIG_NORMALIZERS["cohere"] = lambda cfg: _layer_norm_eps(cfg, "layer_norm_eps")
+# --- Absolute-position / LayerNorm families (GPT-2, GPT-BigCode, OPT, Bloom) ---------------------------------------
+_GPT2_ALIASES = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+                 "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
+
+
+def _gpt2_style(cfg: Config) -> Config:
+    out = renamed(cfg, _GPT2_ALIASES)
+    if out.get("intermediate_size") is None:  # n_inner None means 4 * n_embd
+        out["intermediate_size"] = 4 * int(out["hidden_size"])
+    out["num_key_value_heads"] = int(out["num_attention_heads"])
+    return out
+
+
+def _gpt_bigcode(cfg: Config) -> Config:
+    out = _gpt2_style(cfg)
+    if out.get("multi_query", True):  # one K/V head shared by every query head
+        out["num_key_value_heads"] = 1
+    return out
+
+
+def _opt(cfg: Config) -> Config:
+    out = renamed(cfg, {"ffn_dim": "intermediate_size"})
+    out["num_key_value_heads"] = int(out["num_attention_heads"])
+    return out
+
+
+def _bloom(cfg: Config) -> Config:
+    out = renamed(cfg, {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers"})
+    if out.get("n_embed") is not None:  # older checkpoints (bloom-560m...): n_embed wins, as in BloomConfig
+        out["hidden_size"] = out["n_embed"]
+    out["intermediate_size"] = 4 * int(out["hidden_size"])
+    out["num_key_value_heads"] = int(out["num_attention_heads"])
+    return out
+
+
+CONFIG_NORMALIZERS.update({"gpt2": _gpt2_style, "gpt_bigcode": _gpt_bigcode, "opt": _opt, "bloom": _bloom})

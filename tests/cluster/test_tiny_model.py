@@ -106,7 +106,7 @@ def test_small_size_and_bad_arguments(tmp_path: Path) -> None:
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (256, 4, 8)
     assert (config.num_key_value_heads, config.intermediate_size, config.sliding_window) == (4, 688, 8)
     with pytest.raises(ValueError, match="arch"):
-        build_tiny_checkpoint(tmp_path, arch="gpt2")
+        build_tiny_checkpoint(tmp_path, arch="mamba")
     with pytest.raises(ValueError, match="size"):
         build_tiny_checkpoint(tmp_path, size="huge")
 

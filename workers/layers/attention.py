@@ -34,6 +34,7 @@ class PagedAttention(nn.Module):
         sliding_window: int | None,
         scale: float | None = None,
         soft_cap: float | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -42,6 +43,8 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
         self.soft_cap = soft_cap  # scores become soft_cap * tanh(score / soft_cap) after scaling
+        # ALiBi (Bloom): [num_heads] slopes of this rank's heads; scores get slope * (k_pos - q_pos) after scaling.
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -62,6 +65,7 @@ class PagedAttention(nn.Module):
             self.scale,
             self.sliding_window,
             self.soft_cap,
+            alibi_slopes=self.alibi_slopes,
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
         )

@@ -19,3 +19,22 @@ class RMSNorm(nn.Module):
         if residual is None:
             return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim: weight and an optional bias, or neither when `elementwise_affine` is off (OPT's
+    layer_norm_elementwise_affine=False), in which case the weight is a fixed buffer of ones. Replicated across
+    tensor-parallel ranks (it normalises the full hidden size)."""
+
+    def __init__(self, hidden_size: int, eps: float, bias: bool = True, elementwise_affine: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+            self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False) if bias else None
+        else:
+            self.register_buffer("weight", torch.ones(hidden_size), persistent=False)
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)

@@ -9,6 +9,10 @@ from rayinfer.workers.models.gemma2 import Gemma2ForCausalLM
 from rayinfer.workers.models.llama import LlamaForCausalLM
 from rayinfer.workers.models.olmo2 import Olmo2ForCausalLM
 from rayinfer.workers.models.qwen3 import Qwen3ForCausalLM
+from rayinfer.workers.models.falcon import FalconForCausalLM
+from rayinfer.workers.models.gpt_neox import GPTNeoXForCausalLM
+from rayinfer.workers.models.gptj import GPTJForCausalLM
+from rayinfer.workers.models.phi import PhiForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -19,6 +23,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "GemmaForCausalLM": GemmaForCausalLM,
     "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "GPTJForCausalLM": GPTJForCausalLM,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
+    "FalconForCausalLM": FalconForCausalLM,
+    "PhiForCausalLM": PhiForCausalLM,
 }
 
 

@@ -300,6 +300,8 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 module.weight.normal_(0.0, _EMBED_STD)
             elif isinstance(module, torch.nn.Linear):
                 if leaf == "lm_head" and tied:
+                    if module.bias is not None:  # GPT-J, Phi: the head's own bias is not shared
+                        module.bias.normal_(0.0, _BIAS_STD)
                     continue  # shares the embedding; scaled below
                 gain = _GAINS.get(leaf, _DEFAULT_GAIN)
                 module.weight.normal_(0.0, gain / math.sqrt(module.in_features))

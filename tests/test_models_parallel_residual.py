@@ -271,3 +271,23 @@ def test_tp2_on_ray_matches_transformers(name: str, tiny_checkpoint, hf_greedy, 
     finally:
         llm.shutdown()
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, NEW_TOKENS)
+
+
+@pytest.mark.parametrize("name", ["gptj-partial", "phi-qk-layernorm-mha", "falcon-old-mqa-parallel"])
+def test_triton_kernels_match_transformers(name: str, tiny_checkpoint, hf_greedy, coverage_prompts, monkeypatch) -> None:
+    """The Triton kernels (the interpreter on CPU): interleaved partial rotary, LayerNorm with a bias (also over each
+    head of q and k), neox partial rotary and MQA attention, as GPU runs use them."""
+    from rayinfer.cluster import LLM, SamplingParams
+    from rayinfer.kernels.triton_compat import HAS_TRITON
+
+    if not HAS_TRITON:
+        pytest.skip("Triton is not installed on this platform")
+    monkeypatch.setenv("RAYINFER_KERNEL_BACKEND", "triton")
+    arch, overrides = CONFIGS[name]
+    model_dir = tiny_checkpoint(arch, **overrides)
+    prompts = coverage_prompts(model_dir)[:4]
+    llm = LLM(str(model_dir), dtype="float32", max_num_batched_tokens=8, block_size=4)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, NEW_TOKENS)
+    assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks

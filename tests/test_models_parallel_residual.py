@@ -41,6 +41,9 @@ CONFIGS = {
         "falcon",
         {**FALCON_OLD, "multi_query": False, "parallel_attn": False, "bias": True},
     ),
+    # Falcon ALiBi (no rotary at all): per-head qkv (parallel block) and MQA (sequential block), with biases.
+    "falcon-alibi-mha-parallel-bias": ("falcon", {**FALCON_OLD, "alibi": True, "multi_query": False, "bias": True}),
+    "falcon-alibi-mqa-sequential-bias": ("falcon", {**FALCON_OLD, "alibi": True, "parallel_attn": False, "bias": True}),
     # Phi: partial rotary (half), biases everywhere, GQA; qk_layernorm; tied head with its bias.
     "phi-gqa": ("phi", {}),
     "phi-qk-layernorm-mha": ("phi", {"qk_layernorm": True, "num_key_value_heads": 4}),
@@ -182,12 +185,11 @@ def _with_config(model_dir, tmp_path, **changes):
 @pytest.mark.parametrize(
     ("arch", "changes", "message"),
     [
-        ("falcon", {"alibi": True}, "alibi=True is not supported"),
         ("falcon", {"parallel_attn": False}, "new_decoder_architecture=True needs parallel_attn=True"),
         ("gpt_neox", {"hidden_act": "swiglu"}, "activation 'swiglu' is not supported"),
         ("gptj", {"rotary_dim": 5}, r"rotary_dim \(5\) must be even"),
     ],
-    ids=["falcon-alibi", "falcon-new-sequential", "neox-activation", "gptj-odd-rotary-dim"],
+    ids=["falcon-new-sequential", "neox-activation", "gptj-odd-rotary-dim"],
 )
 def test_unsupported_configs_fail_clearly(arch: str, changes: dict, message: str, tiny_checkpoint, tmp_path) -> None:
     from rayinfer.workers.weight_loader import build_model
@@ -273,10 +275,12 @@ def test_tp2_on_ray_matches_transformers(name: str, tiny_checkpoint, hf_greedy, 
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, NEW_TOKENS)
 
 
-@pytest.mark.parametrize("name", ["gptj-partial", "phi-qk-layernorm-mha", "falcon-old-mqa-parallel"])
+@pytest.mark.parametrize(
+    "name", ["gptj-partial", "phi-qk-layernorm-mha", "falcon-old-mqa-parallel", "falcon-alibi-mha-parallel-bias"]
+)
 def test_triton_kernels_match_transformers(name: str, tiny_checkpoint, hf_greedy, coverage_prompts, monkeypatch) -> None:
     """The Triton kernels (the interpreter on CPU): interleaved partial rotary, LayerNorm with a bias (also over each
-    head of q and k), neox partial rotary and MQA attention, as GPU runs use them."""
+    head of q and k), neox partial rotary, MQA attention and ALiBi, as GPU runs use them."""
     from rayinfer.cluster import LLM, SamplingParams
     from rayinfer.kernels.triton_compat import HAS_TRITON
 
@@ -291,3 +295,43 @@ def test_triton_kernels_match_transformers(name: str, tiny_checkpoint, hf_greedy
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, NEW_TOKENS)
     assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("num_heads", [4, 6, 12, 32, 71])
+def test_alibi_slopes_are_transformers_bfloat16_slopes(num_heads: int) -> None:
+    from transformers.models.falcon.modeling_falcon import build_alibi_tensor
+
+    from rayinfer.workers.layers.alibi_attention import alibi_slopes
+
+    bias = build_alibi_tensor(torch.ones(1, 3, dtype=torch.long), num_heads, torch.float32).view(num_heads, 3)
+    torch.testing.assert_close(alibi_slopes(num_heads).bfloat16().float(), bias[:, 1], rtol=0, atol=0)
+
+
+def test_alibi_changes_the_output(tiny_checkpoint, hf_greedy, coverage_prompts, rayinfer_greedy) -> None:
+    """The same weights with rotary positions instead of ALiBi give other tokens, so the test above sees ALiBi."""
+    arch, overrides = CONFIGS["falcon-alibi-mha-parallel-bias"]
+    model_dir = tiny_checkpoint(arch, **overrides)
+    prompts = coverage_prompts(model_dir)
+    reference = hf_greedy(model_dir, prompts, NEW_TOKENS)
+    rotary = tiny_checkpoint(arch, **{**overrides, "alibi": False})
+    assert rayinfer_greedy(rotary, prompts, NEW_TOKENS, max_num_batched_tokens=16) != reference
+
+
+def test_alibi_slopes_split_with_the_heads(tiny_checkpoint) -> None:
+    from rayinfer.workers.layers.alibi_attention import alibi_slopes
+    from rayinfer.workers.parallel_state import set_tensor_parallel_group
+    from rayinfer.workers.weight_loader import build_model
+
+    arch, overrides = CONFIGS["falcon-alibi-mha-parallel-bias"]
+    model_dir = tiny_checkpoint(arch, **overrides)
+    spec = load_model_spec(model_dir)
+    per_rank = []
+    try:
+        for rank in (0, 1):
+            set_tensor_parallel_group(rank, 2)
+            model = build_model(spec, model_dir, torch.float32, torch.device("cpu"), max_len=64)
+            per_rank.append(model.model.layers[0].self_attn.attn.alibi_slopes)
+    finally:
+        set_tensor_parallel_group(0, 1)
+    expected = alibi_slopes(spec.num_heads).bfloat16().float() * spec.head_dim**-0.5
+    torch.testing.assert_close(torch.cat(per_rank), expected, rtol=0, atol=0)

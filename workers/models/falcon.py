@@ -6,13 +6,17 @@
   parallel_attn (one input_layernorm feeding both) or the sequential block (input_ + post_attention_layernorm).
 `bias` puts biases on every linear; the LM head never has one.
 
-ALiBi Falcons (alibi=True) are refused: transformers rounds each slope * position to bfloat16 before scaling, which
-the engine's ALiBi kernels do not reproduce.
+ALiBi Falcons (alibi=True, e.g. falcon-rw-1b) rotate nothing: each head adds slope * key position / sqrt(head_dim)
+to its scores. transformers rounds the slopes to bfloat16 (kept here) and also each slope * position product
+(not reproduced: the kernels add slope * (k_pos - q_pos) in float32). Those products are exact while the slope is a
+power of two (up to 8 heads, or 16 for half of them) and positions stay below 256; beyond, scores may differ from
+transformers' by bfloat16 rounding of the bias.
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
+from rayinfer.workers.layers.alibi_attention import alibi_slopes
 from rayinfer.workers.layers.fused_qkv import FusedQKVLayout
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.parallel_residual import BlockLayout, ParallelResidualForCausalLM
@@ -20,8 +24,9 @@ from rayinfer.workers.models.parallel_residual import BlockLayout, ParallelResid
 
 def falcon_block_layout(spec: ModelSpec) -> BlockLayout:
     raw = spec.raw
+    alibi = None
     if raw.get("alibi", False):
-        raise ValueError(f"alibi=True is not supported for {spec.architecture}; only rotary Falcon models are")
+        alibi = alibi_slopes(spec.num_heads).bfloat16().float() * spec.head_dim**-0.5
     new_arch = bool(raw.get("new_decoder_architecture", False))
     parallel = bool(raw.get("parallel_attn", True))
     if new_arch:
@@ -44,6 +49,7 @@ def falcon_block_layout(spec: ModelSpec) -> BlockLayout:
         o_bias=bias,
         mlp_bias=bias,
         fused_qkv=FusedQKVLayout(qkv_kind, spec.num_heads, spec.num_kv_heads, spec.head_dim),
+        alibi_slopes=alibi,
     )
 
 

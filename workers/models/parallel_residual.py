@@ -6,7 +6,8 @@ checkpoint names. Residual styles (transformers' addition order, so float32 resu
   parallel:   h = (attn(ln_1(h)) + mlp(ln_2(h))) + h, with ln_2 = ln_1 when the family has one norm
   sequential: h = h + attn(ln_1(h)); h = h + mlp(ln_2(h))
 
-Tensor parallelism: heads and MLP features split as in Llama; per-head q/k norms (Phi) share one weight; the
+Tensor parallelism: heads and MLP features split as in Llama; per-head q/k norms (Phi) share one weight; ALiBi
+slopes (Falcon) are cut to each rank's heads; the
 fused qkv layouts pick each rank's heads when loading (`FusedQKVParallelLinear`).
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from rayinfer import kernels
+from rayinfer.workers.layers.alibi_attention import AlibiPagedAttention
 from rayinfer.workers.layers.attention import AttentionMetadata, PagedAttention
 from rayinfer.workers.layers.biased_lm_head import BiasedLMHead
 from rayinfer.workers.layers.dense_mlp import DenseMLP
@@ -44,9 +46,13 @@ class BlockLayout:
     lm_head_bias: bool = False
     qk_norm: bool = False  # Phi's qk_layernorm: LayerNorm over each head of q and k, before rotary
     fused_qkv: FusedQKVLayout | None = None  # None: separate q_proj/k_proj/v_proj tensors
+    # ALiBi instead of rotary: per-head slopes of the bias added to the scaled scores (slope * (k_pos - q_pos)).
+    alibi_slopes: torch.Tensor | None = None
 
 
 class RotaryAttention(nn.Module):
+    """Attention with (partial) rotary positions, or ALiBi where the layout gives slopes."""
+
     def __init__(self, spec: ModelSpec, layout: BlockLayout) -> None:
         super().__init__()
         hidden, head_dim = spec.hidden_size, spec.head_dim
@@ -61,7 +67,14 @@ class RotaryAttention(nn.Module):
         self.o_proj = RowParallelLinear(spec.num_heads * head_dim, hidden, bias=layout.o_bias)
         self.q_norm = LayerNorm(head_dim, layout.norm_eps) if layout.qk_norm else None
         self.k_norm = LayerNorm(head_dim, layout.norm_eps) if layout.qk_norm else None
-        self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, None)
+        local_heads = self.qkv_proj.num_heads
+        if layout.alibi_slopes is None:
+            self.attn = PagedAttention(local_heads, self.qkv_proj.num_kv_heads, head_dim, None)
+        else:  # this rank's heads' slopes
+            first = self.qkv_proj.tp.rank * local_heads
+            slopes = layout.alibi_slopes[first : first + local_heads]
+            self.attn = AlibiPagedAttention(local_heads, self.qkv_proj.num_kv_heads, head_dim, slopes)
+        self.rotary = layout.alibi_slopes is None
 
     def forward(self, x: torch.Tensor, rope: RopeTables, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -70,8 +83,9 @@ class RotaryAttention(nn.Module):
         k = k.reshape(tokens, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin, rows = rope
-        kernels.rotary_embedding(rows, q, k, cos, sin, self.neox_rotary)
+        if self.rotary:
+            cos, sin, rows = rope
+            kernels.rotary_embedding(rows, q, k, cos, sin, self.neox_rotary)
         return self.o_proj(self.attn(q, k, v, meta))
 
 

@@ -18,6 +18,7 @@ ARCHITECTURES = {
     "phi": "PhiForCausalLM",
 }
 FALCON_OLD = dict(new_decoder_architecture=False, num_kv_heads=None)
+DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
 CONFIGS = {
     # GPT-J: interleaved rotary over rotary_dim = 4 of 16 features (the builder default), parallel block, lm_head bias.
@@ -48,7 +49,7 @@ CONFIGS = {
     "phi-gqa": ("phi", {}),
     "phi-qk-layernorm-mha": ("phi", {"qk_layernorm": True, "num_key_value_heads": 4}),
     "phi-tied-quarter-rotary": (
-        "phi", {"tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}},
+        "phi", {"tie_word_embeddings": True, "rope_parameters": {**DEFAULT_ROPE, "partial_rotary_factor": 0.25}},
     ),
 }
 
@@ -75,7 +76,7 @@ def test_greedy_matches_transformers(
     [
         ("gptj-partial", {"rotary_dim": 8}),
         ("gpt_neox-parallel", {"use_parallel_residual": False}),
-        ("gpt_neox-parallel", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
+        ("gpt_neox-parallel", {"rope_parameters": {**DEFAULT_ROPE, "partial_rotary_factor": 0.5}}),
         ("phi-gqa", {"rope_theta": 100.0}),
     ],
     ids=["gptj-rotary-dim", "neox-sequential-residual", "neox-rotary-pct", "phi-rope-theta"],
@@ -164,7 +165,9 @@ def test_older_config_keys_and_defaults_are_normalised() -> None:
     assert (gptj["hidden_size"], gptj["intermediate_size"], gptj["hidden_act"]) == (32, 128, "gelu_new")
     falcon = normalize_config({"model_type": "falcon", "n_embed": 32, "num_attention_heads": 4})
     assert (falcon["hidden_size"], falcon["num_key_value_heads"], falcon["tie_word_embeddings"]) == (32, 1, True)
-    falcon_mha = normalize_config({"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "multi_query": False})
+    falcon_mha = normalize_config(
+        {"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "multi_query": False}
+    )
     assert falcon_mha["num_key_value_heads"] == 4
     phi = normalize_config({"model_type": "phi", "rope_parameters": {"rope_theta": 10000.0}})
     assert (phi["partial_rotary_factor"], phi["hidden_act"]) == (0.5, "gelu_new")
@@ -242,7 +245,7 @@ def test_fused_qkv_gives_each_rank_its_heads(name: str, tiny_checkpoint) -> None
             model = build_model(spec, model_dir, torch.float32, torch.device("cpu"), max_len=64)
             qkv = model.model.layers[0].self_attn.qkv_proj
             q, k, v = qkv.weight.detach().split([qkv.num_heads * d, qkv.num_kv_heads * d, qkv.num_kv_heads * d])
-            ranks.append((q.view(-1, d, spec.hidden_size), k.view(-1, d, spec.hidden_size), v.view(-1, d, spec.hidden_size)))
+            ranks.append(tuple(part.view(-1, d, spec.hidden_size) for part in (q, k, v)))
     finally:
         set_tensor_parallel_group(0, 1)
     torch.testing.assert_close(torch.cat([ranks[0][0], ranks[1][0]]), expected[0], rtol=0, atol=0)
@@ -278,7 +281,9 @@ def test_tp2_on_ray_matches_transformers(name: str, tiny_checkpoint, hf_greedy, 
 @pytest.mark.parametrize(
     "name", ["gptj-partial", "phi-qk-layernorm-mha", "falcon-old-mqa-parallel", "falcon-alibi-mha-parallel-bias"]
 )
-def test_triton_kernels_match_transformers(name: str, tiny_checkpoint, hf_greedy, coverage_prompts, monkeypatch) -> None:
+def test_triton_kernels_match_transformers(
+    name: str, tiny_checkpoint, hf_greedy, coverage_prompts, monkeypatch
+) -> None:
     """The Triton kernels (the interpreter on CPU): interleaved partial rotary, LayerNorm with a bias (also over each
     head of q and k), neox partial rotary, MQA attention and ALiBi, as GPU runs use them."""
     from rayinfer.cluster import LLM, SamplingParams

@@ -1,5 +1,6 @@
 """Decoder shared by GPT-J, GPT-NeoX, Falcon and Phi: LayerNorm blocks whose attention rotates only part of each
-head (partial rotary, GPT-J's interleaved style or the neox halves) and whose MLP is not gated.
+head (partial rotary, GPT-J's interleaved style or the neox halves; ALiBi Falcons rotate nothing) and whose MLP is
+not gated.
 
 A `BlockLayout` states what differs per family; each family's file builds one from its config and declares its
 checkpoint names. Residual styles (transformers' addition order, so float32 results agree bit for bit):
@@ -7,8 +8,8 @@ checkpoint names. Residual styles (transformers' addition order, so float32 resu
   sequential: h = h + attn(ln_1(h)); h = h + mlp(ln_2(h))
 
 Tensor parallelism: heads and MLP features split as in Llama; per-head q/k norms (Phi) share one weight; ALiBi
-slopes (Falcon) are cut to each rank's heads; the
-fused qkv layouts pick each rank's heads when loading (`FusedQKVParallelLinear`).
+slopes (Falcon) are cut to each rank's heads; the fused qkv layouts pick each rank's heads when loading
+(`FusedQKVParallelLinear`).
 """
 from __future__ import annotations
 

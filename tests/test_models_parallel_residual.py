@@ -163,8 +163,9 @@ def test_older_config_keys_and_defaults_are_normalised() -> None:
     assert (neox_default["partial_rotary_factor"], neox_default["rope_theta"]) == (0.25, 10000.0)
     gptj = normalize_config({"model_type": "gptj", "n_embd": 32, "n_head": 4, "n_layer": 1, "n_inner": None})
     assert (gptj["hidden_size"], gptj["intermediate_size"], gptj["hidden_act"]) == (32, 128, "gelu_new")
-    falcon = normalize_config({"model_type": "falcon", "n_embed": 32, "num_attention_heads": 4})
-    assert (falcon["hidden_size"], falcon["num_key_value_heads"], falcon["tie_word_embeddings"]) == (32, 1, True)
+    falcon = normalize_config({"model_type": "falcon", "n_embed": 32, "n_head": 4, "n_layer": 2})
+    assert (falcon["hidden_size"], falcon["num_attention_heads"], falcon["num_hidden_layers"]) == (32, 4, 2)
+    assert (falcon["num_key_value_heads"], falcon["tie_word_embeddings"], falcon["intermediate_size"]) == (1, True, 128)
     falcon_mha = normalize_config(
         {"model_type": "falcon", "hidden_size": 32, "num_attention_heads": 4, "multi_query": False}
     )

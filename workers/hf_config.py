@@ -54,7 +54,10 @@ def _gpt_neox(cfg: Config) -> Config:
 
 
 def _falcon(cfg: Config) -> Config:
-    out = renamed(cfg, {"n_embed": "hidden_size", "ffn_hidden_size": "intermediate_size", "activation": "hidden_act"})
+    out = renamed(cfg, {
+        "n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+        "ffn_hidden_size": "intermediate_size", "activation": "hidden_act",
+    })
     heads = int(out["num_attention_heads"])
     if out.get("intermediate_size") is None:
         out["intermediate_size"] = 4 * int(out["hidden_size"])

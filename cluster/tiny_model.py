@@ -26,6 +26,9 @@ SUPPORTED_TINY_ARCHS += ("phi3", "starcoder2", "olmo", "stablelm", "cohere")
 # Learned-position / ALiBi LayerNorm families: their configs take none of the Llama keys (rope, rms_norm_eps, KV heads).
 _LAYER_NORM_ARCHS = ("gpt2", "gpt_bigcode", "opt", "bloom")
 SUPPORTED_TINY_ARCHS += _LAYER_NORM_ARCHS
+# LayerNorm families with partial rotary and parallel attention + MLP blocks (see _parallel_residual_kwargs).
+PARALLEL_RESIDUAL_TINY_ARCHS = ("gptj", "gpt_neox", "falcon", "phi")
+SUPPORTED_TINY_ARCHS += PARALLEL_RESIDUAL_TINY_ARCHS
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -186,9 +189,15 @@ _GAINS = {"q_proj": 1.5, "k_proj": 1.5, "v_proj": 1.5, "o_proj": 1.0, "lm_head":
 # flip) while different tokens still pick different experts.
 _ROUTER_GAIN = 2.0
 _GAINS["qkv_proj"] = 1.5  # Phi-3's fused q/k/v
-# Fused q/k/v projections: GPT-2's and GPT-BigCode's c_attn as q/k/v; Bloom's query_key_value sharper, since with
-# ALiBi as its only position signal its random greedy outputs otherwise settle into short loops.
-_GAINS.update(c_attn=1.5, query_key_value=2.0)
+# Fused q/k/v projections (GPT-2's and GPT-BigCode's c_attn, GPT-NeoX's and Falcon's query_key_value) as q/k/v.
+_GAINS.update(c_attn=1.5, query_key_value=1.5)
+# Bloom's query_key_value sharper: with ALiBi as its only position signal its random greedy outputs otherwise
+# settle into short loops.
+_MODEL_TYPE_GAINS = {"bloom": {"query_key_value": 2.0}}
+
+
+def _gain(model_type: str, leaf: str) -> float:
+    return _MODEL_TYPE_GAINS.get(model_type, {}).get(leaf) or _GAINS.get(leaf, _DEFAULT_GAIN)
 _DEFAULT_GAIN = 1.0
 _BIAS_STD = 0.2  # non-zero biases and norm weights, so forgetting to load one of them changes the output
 _NORM_STD = 0.2
@@ -205,8 +214,11 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
     """Builds the transformers config; `overrides` win over the size preset (e.g. num_key_value_heads=1)."""
     from transformers import (
         CohereConfig,
+        FalconConfig,
         Gemma2Config,
         GemmaConfig,
+        GPTJConfig,
+        GPTNeoXConfig,
         GraniteConfig,
         LlamaConfig,
         MistralConfig,
@@ -214,6 +226,7 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         Olmo2Config,
         OlmoConfig,
         Phi3Config,
+        PhiConfig,
         Qwen2Config,
         Qwen2MoeConfig,
         Qwen3Config,
@@ -266,6 +279,8 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         kwargs["rope_parameters"] = {**kwargs["rope_parameters"], **scaling}
     if "rope_theta" in overrides:
         kwargs["rope_parameters"] = {**kwargs["rope_parameters"], "rope_theta": float(overrides.pop("rope_theta"))}
+    if arch in PARALLEL_RESIDUAL_TINY_ARCHS:
+        kwargs = _parallel_residual_kwargs(arch, kwargs)
     kwargs.update(overrides)
     cls = {
         "llama": LlamaConfig,
@@ -283,6 +298,10 @@ def _make_config(arch: str, size: str, vocab_size: int, special_ids: dict[str, i
         "olmo": OlmoConfig,
         "stablelm": StableLmConfig,
         "cohere": CohereConfig,
+        "gptj": GPTJConfig,
+        "gpt_neox": GPTNeoXConfig,
+        "falcon": FalconConfig,
+        "phi": PhiConfig,
     }[arch]
     return cls(**kwargs)
 
@@ -315,6 +334,38 @@ def _make_layer_norm_config(
     return cls(**kwargs)
 
 
+def _parallel_residual_kwargs(arch: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The common preset in each family's own config keys; Llama-only keys are dropped.
+
+    Defaults exercise partial rotary (a quarter or half of each head) and untied heads; GQA/MQA, the residual
+    styles and Falcon's layouts come from overrides."""
+    kwargs = dict(kwargs)
+    kv_heads = kwargs.pop("num_key_value_heads")
+    kwargs.pop("rms_norm_eps")
+    head_dim = kwargs["hidden_size"] // kwargs["num_attention_heads"]
+    if arch == "gptj":  # n_* names; theta is fixed at 10000; rotary_dim counts features, GPT-J interleaved
+        kwargs.pop("rope_parameters")
+        renames = dict(
+            hidden_size="n_embd", num_hidden_layers="n_layer", num_attention_heads="n_head",
+            intermediate_size="n_inner", max_position_embeddings="n_positions",
+        )
+        kwargs = {renames.get(k, k): v for k, v in kwargs.items()}
+        kwargs.update(rotary_dim=head_dim // 4, layer_norm_epsilon=1e-5)  # a quarter, as GPT-J 6B (64 of 256)
+    elif arch == "gpt_neox":
+        kwargs["rope_parameters"] = {**kwargs["rope_parameters"], "partial_rotary_factor": 0.25}
+        kwargs.update(layer_norm_eps=1e-5)
+    elif arch == "falcon":  # the new decoder architecture (GQA, ln_attn + ln_mlp); overrides select the old one
+        kwargs["ffn_hidden_size"] = kwargs.pop("intermediate_size")
+        kwargs.update(
+            new_decoder_architecture=True, num_kv_heads=kv_heads, multi_query=True, parallel_attn=True, bias=False,
+            alibi=False, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+        )
+    elif arch == "phi":
+        kwargs["rope_parameters"] = {**kwargs["rope_parameters"], "partial_rotary_factor": 0.5}
+        kwargs.update(num_key_value_heads=kv_heads, layer_norm_eps=1e-5)
+    return kwargs
+
+
 def _spread_init(model: Any, eos_id: int) -> None:
     """Re-initialises every weight so greedy decoding wanders, depends on context, and has clear argmaxes.
 
@@ -330,8 +381,10 @@ def _spread_init(model: Any, eos_id: int) -> None:
                 module.weight.normal_(0.0, _EMBED_STD)
             elif isinstance(module, torch.nn.Linear):
                 if leaf == "lm_head" and tied:
+                    if module.bias is not None:  # GPT-J, Phi: the head's own bias is not shared
+                        module.bias.normal_(0.0, _BIAS_STD)
                     continue  # shares the embedding; scaled below
-                gain = _GAINS.get(leaf, _DEFAULT_GAIN)
+                gain = _gain(model.config.model_type, leaf)
                 module.weight.normal_(0.0, gain / math.sqrt(module.in_features))
                 if module.bias is not None:
                     module.bias.normal_(0.0, _BIAS_STD)
@@ -342,17 +395,28 @@ def _spread_init(model: Any, eos_id: int) -> None:
             elif leaf == "gate" and getattr(module, "weight", None) is not None and module.weight.dim() == 2:
                 module.weight.normal_(0.0, _ROUTER_GAIN / math.sqrt(module.weight.shape[1]))  # an MoE router
             elif type(module).__name__ == "Conv1D":  # GPT-2's linear, weight stored [in, out]
-                module.weight.normal_(0.0, _GAINS.get(leaf, _DEFAULT_GAIN) / math.sqrt(module.weight.shape[0]))
+                module.weight.normal_(0.0, _gain(model.config.model_type, leaf) / math.sqrt(module.weight.shape[0]))
                 module.bias.normal_(0.0, _BIAS_STD)
             elif "norm" in type(module).__name__.lower() and getattr(module, "weight", None) is not None:
-                # q/k norms (Qwen3, Olmo2) undo the q/k gains above; larger weights restore the sharp attention.
-                center = _QK_NORM_CENTER if leaf in ("q_norm", "k_norm") or _PER_HEAD_QK_NORM in name else 1.0
+                # q/k norms (Qwen3, Olmo2, Phi, StableLM's per-head ones) undo the q/k gains above; larger weights
+                # restore the sharp attention.
+                qk_norm = leaf in ("q_norm", "k_norm", "q_layernorm", "k_layernorm") or _PER_HEAD_QK_NORM in name
+                center = _QK_NORM_CENTER if qk_norm else 1.0
                 offset = 1.0 if type(module).__name__.startswith("Gemma") else 0.0  # Gemma scales by 1 + weight
                 module.weight.normal_(center - offset, _NORM_STD * center)
-                if getattr(module, "bias", None) is not None:  # LayerNorm biases
+                if getattr(module, "bias", None) is not None:  # LayerNorm: a bias left unloaded must show
                     module.bias.normal_(0.0, _BIAS_STD)
         head = model.get_output_embeddings().weight
-        if tied:  # unit-std rows would give logits of std sqrt(hidden): far too peaked for sampling tests
+        if tied and model.config.model_type in PARALLEL_RESIDUAL_TINY_ARCHS:
+            # The input embeddings of these LayerNorm models are the whole residual stream's start: shared rows as
+            # large as the head needs make the head echo the current token. Shrink them further and scale the
+            # final LayerNorm up by as much, so the logits keep their spread.
+            shrink = _SCALED_TIED_EMBED_SHRINK
+            head.mul_(_GAINS["lm_head"] / math.sqrt(head.shape[1]) / shrink)
+            final_norm = _final_layer_norm(model)
+            final_norm.weight.mul_(shrink)
+            final_norm.bias.mul_(shrink)
+        elif tied:  # unit-std rows would give logits of std sqrt(hidden): far too peaked for sampling tests
             head.mul_(_GAINS["lm_head"] / math.sqrt(head.shape[1]))
             # Gemma multiplies the embeddings by sqrt(hidden): so large an input makes the tied head echo the
             # current token (greedy output loops on it). Shrink the shared rows (beyond undoing that factor) and
@@ -385,6 +449,15 @@ def _shrink_tied_embeddings(head: Any, final_norm: Any) -> None:
     final_norm.weight.mul_(_TIED_EMBED_EXTRA_SHRINK)
     if getattr(final_norm, "bias", None) is not None:
         final_norm.bias.mul_(_TIED_EMBED_EXTRA_SHRINK)
+
+
+def _final_layer_norm(model: Any) -> Any:
+    """The LayerNorm before the head, under each parallel-residual family's own name."""
+    base = model.base_model
+    for name in ("ln_f", "final_layer_norm", "final_layernorm"):
+        if hasattr(base, name):
+            return getattr(base, name)
+    raise ValueError(f"{type(model).__name__}: no final LayerNorm found")
 
 
 def build_tiny_checkpoint(

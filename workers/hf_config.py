@@ -89,6 +89,8 @@ CONFIG_NORMALIZERS["starcoder2"] = normalize_starcoder2_config
 CONFIG_NORMALIZERS["olmo"] = normalize_olmo_config
 CONFIG_NORMALIZERS["stablelm"] = normalize_stablelm_config
 CONFIG_NORMALIZERS["cohere"] = lambda cfg: _layer_norm_eps(cfg, "layer_norm_eps")
+
+
 # --- Absolute-position / LayerNorm families (GPT-2, GPT-BigCode, OPT, Bloom) ---------------------------------------
 _GPT2_ALIASES = {"n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
                  "n_positions": "max_position_embeddings", "n_inner": "intermediate_size"}
@@ -125,3 +127,56 @@ def _bloom(cfg: Config) -> Config:
 
 
 CONFIG_NORMALIZERS.update({"gpt2": _gpt2_style, "gpt_bigcode": _gpt_bigcode, "opt": _opt, "bloom": _bloom})
+
+
+# --- GPT-J, GPT-NeoX, Falcon, Phi (workers/models/parallel_residual.py). Each fills the common keys from the
+# family's own names and transformers' defaults for the keys a config.json may leave out.
+def _gptj(cfg: Config) -> Config:
+    out = renamed(cfg, {
+        "n_embd": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+        "n_positions": "max_position_embeddings", "n_inner": "intermediate_size", "activation_function": "hidden_act",
+    })
+    if out.get("intermediate_size") is None:  # n_inner None: 4 * n_embd
+        out["intermediate_size"] = 4 * int(out["hidden_size"])
+    out.setdefault("hidden_act", "gelu_new")
+    return out
+
+
+def _gpt_neox(cfg: Config) -> Config:
+    out = dict(cfg)
+    params = {**(out.get("rope_scaling") or {}), **(out.get("rope_parameters") or {})}
+    if "partial_rotary_factor" not in params and out.get("partial_rotary_factor") is None:
+        out["partial_rotary_factor"] = out.get("rotary_pct", 0.25)  # older configs: rotary_pct
+    if "rope_theta" not in params and out.get("rope_theta") is None:
+        out["rope_theta"] = out.get("rotary_emb_base", 10000.0)
+    out.setdefault("hidden_act", "gelu")
+    return out
+
+
+def _falcon(cfg: Config) -> Config:
+    out = renamed(cfg, {
+        "n_embed": "hidden_size", "n_head": "num_attention_heads", "n_layer": "num_hidden_layers",
+        "ffn_hidden_size": "intermediate_size", "activation": "hidden_act",
+    })
+    heads = int(out["num_attention_heads"])
+    if out.get("intermediate_size") is None:
+        out["intermediate_size"] = 4 * int(out["hidden_size"])
+    out.setdefault("hidden_act", "gelu")
+    out.setdefault("tie_word_embeddings", True)  # transformers' Falcon default
+    if out.get("new_decoder_architecture", False):
+        out["num_key_value_heads"] = out.get("num_kv_heads") or heads
+    else:  # the old layout: one shared KV head (multi_query, the default) or one per head
+        out["num_key_value_heads"] = 1 if out.get("multi_query", True) else heads
+    return out
+
+
+def _phi(cfg: Config) -> Config:
+    out = dict(cfg)
+    params = {**(out.get("rope_scaling") or {}), **(out.get("rope_parameters") or {})}
+    if "partial_rotary_factor" not in params and out.get("partial_rotary_factor") is None:
+        out["partial_rotary_factor"] = 0.5  # transformers' Phi default
+    out.setdefault("hidden_act", "gelu_new")
+    return out
+
+
+CONFIG_NORMALIZERS.update(gptj=_gptj, gpt_neox=_gpt_neox, falcon=_falcon, phi=_phi)

@@ -1,9 +1,5 @@
-"""LayerNorm flavours of the Llama-shaped families: with bias (StableLM, Starcoder2), bias-free (Cohere),
-non-parametric (OLMo v1), and per-head norms of q/k with one weight row per head (StableLM, Cohere).
-
-Each hidden-size norm takes an optional residual, like `RMSNorm`: norm(x, residual) returns
-(layer_norm(x + residual), x + residual), so the Llama layers can fold the residual add into it.
-"""
+"""LayerNorm flavours of the Llama-shaped families, over `norm.LayerNorm`: bias-free (Cohere), non-parametric
+(OLMo v1), and per-head norms of q/k with one weight row per head (StableLM, Cohere)."""
 from __future__ import annotations
 
 import re
@@ -13,27 +9,10 @@ import torch
 from torch import nn
 
 from rayinfer import kernels
+from rayinfer.workers.layers.norm import LayerNorm
 
 if TYPE_CHECKING:
     from rayinfer.workers.weight_loader import CheckpointTensor
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm over the last dim with a weight and (unless `bias=False`) a bias; statistics in float32."""
-
-    def __init__(self, hidden_size: int, eps: float, bias: bool = True) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(hidden_size), requires_grad=False) if bias else None
-
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
-        summed = x + residual
-        return kernels.layer_norm(summed, self.weight, self.bias, self.eps), summed
 
 
 class BiasFreeLayerNorm(LayerNorm):
@@ -44,14 +23,11 @@ class BiasFreeLayerNorm(LayerNorm):
 
 
 class NonParametricLayerNorm(LayerNorm):
-    """OLMo v1's LayerNorm: no weight and no bias in the checkpoint. The kernel's unit weight is a buffer, so the
-    loader neither expects nor fills it."""
+    """OLMo v1's LayerNorm: no weight and no bias in the checkpoint (the kernel's unit weight is a buffer, so the
+    loader neither expects nor fills it)."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
-        nn.Module.__init__(self)
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(hidden_size), persistent=False)
-        self.bias = None
+        super().__init__(hidden_size, eps, elementwise_affine=False)
 
 
 # StableLM stores one LayerNorm per head: ...q_layernorm.norms.<head>.weight.

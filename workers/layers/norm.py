@@ -1,4 +1,5 @@
-"""RMSNorm module whose forward optionally folds in the residual add."""
+"""RMSNorm and LayerNorm modules; each forward optionally folds in the residual add: norm(x, residual) returns
+(norm(x + residual), x + residual), so decoder layers can carry the residual stream through their norms."""
 from __future__ import annotations
 
 import torch
@@ -36,5 +37,10 @@ class LayerNorm(nn.Module):
             self.register_buffer("weight", torch.ones(hidden_size), persistent=False)
             self.bias = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        summed = x + residual
+        return kernels.layer_norm(summed, self.weight, self.bias, self.eps), summed

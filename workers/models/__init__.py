@@ -4,19 +4,23 @@ from __future__ import annotations
 from torch import nn
 
 from rayinfer.workers.model_config import ModelSpec
-from rayinfer.workers.models.cohere import CohereForCausalLM
 from rayinfer.workers.models.bloom import BloomForCausalLM
+from rayinfer.workers.models.cohere import CohereForCausalLM
+from rayinfer.workers.models.falcon import FalconForCausalLM
 from rayinfer.workers.models.gemma import GemmaForCausalLM
 from rayinfer.workers.models.gemma2 import Gemma2ForCausalLM
 from rayinfer.workers.models.gpt2 import GPT2LMHeadModel
 from rayinfer.workers.models.gpt_bigcode import GPTBigCodeForCausalLM
+from rayinfer.workers.models.gpt_neox import GPTNeoXForCausalLM
+from rayinfer.workers.models.gptj import GPTJForCausalLM
 from rayinfer.workers.models.llama import LlamaForCausalLM
 from rayinfer.workers.models.mixtral import MixtralForCausalLM
 from rayinfer.workers.models.olmo import OlmoForCausalLM
 from rayinfer.workers.models.olmo2 import Olmo2ForCausalLM
+from rayinfer.workers.models.opt import OPTForCausalLM
+from rayinfer.workers.models.phi import PhiForCausalLM
 from rayinfer.workers.models.phi3 import Phi3ForCausalLM
 from rayinfer.workers.models.qwen2_moe import Qwen2MoeForCausalLM
-from rayinfer.workers.models.opt import OPTForCausalLM
 from rayinfer.workers.models.qwen3 import Qwen3ForCausalLM
 from rayinfer.workers.models.stablelm import StableLmForCausalLM
 from rayinfer.workers.models.starcoder2 import Starcoder2ForCausalLM
@@ -41,6 +45,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "GPTBigCodeForCausalLM": GPTBigCodeForCausalLM,
     "OPTForCausalLM": OPTForCausalLM,
     "BloomForCausalLM": BloomForCausalLM,
+    "GPTJForCausalLM": GPTJForCausalLM,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
+    "FalconForCausalLM": FalconForCausalLM,
+    "PhiForCausalLM": PhiForCausalLM,
 }
 
 

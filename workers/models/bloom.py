@@ -18,7 +18,7 @@ from rayinfer.workers.layers.alibi import rank_alibi_slopes
 from rayinfer.workers.layers.attention import AttentionMetadata
 from rayinfer.workers.layers.dense_mlp import DenseMLP
 from rayinfer.workers.layers.embedding import VocabParallelEmbedding
-from rayinfer.workers.layers.fused_qkv import PerHeadQKVLinear
+from rayinfer.workers.layers.fused_qkv import FusedQKVLayout, FusedQKVParallelLinear
 from rayinfer.workers.layers.norm import LayerNorm
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.layer_norm_decoder import LayerNormCausalLM, LayerNormDecoderLayer, SelfAttention
@@ -40,7 +40,9 @@ class BloomModel(nn.Module):
         self.layers = nn.ModuleList(
             LayerNormDecoderLayer(
                 SelfAttention(
-                    PerHeadQKVLinear(hidden, spec.head_dim, spec.num_heads, bias=True),
+                    FusedQKVParallelLinear(
+                        hidden, FusedQKVLayout("per_head", spec.num_heads, spec.num_heads, spec.head_dim), bias=True
+                    ),
                     spec.num_heads,
                     hidden,
                     out_bias=True,

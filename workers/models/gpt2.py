@@ -17,7 +17,7 @@ from rayinfer.workers.layers.attention import AttentionMetadata
 from rayinfer.workers.layers.checkpoint_views import load_transposed
 from rayinfer.workers.layers.dense_mlp import DenseMLP
 from rayinfer.workers.layers.embedding import VocabParallelEmbedding
-from rayinfer.workers.layers.fused_qkv import BlockQKVLinear
+from rayinfer.workers.layers.fused_qkv import FusedQKVLayout, FusedQKVParallelLinear
 from rayinfer.workers.layers.norm import LayerNorm
 from rayinfer.workers.layers.position_embedding import LearnedPositionEmbedding
 from rayinfer.workers.model_config import ModelSpec
@@ -58,7 +58,8 @@ class GPT2Model(nn.Module):
         return scale
 
     def qkv_proj(self, spec: ModelSpec) -> nn.Module:
-        return BlockQKVLinear(spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, bias=True)
+        layout = FusedQKVLayout("blocks", spec.num_heads, spec.num_kv_heads, spec.head_dim)
+        return FusedQKVParallelLinear(spec.hidden_size, layout, bias=True)
 
     def attention(self, spec: ModelSpec, layer_index: int) -> SelfAttention:
         scale = self.attention_scale(spec, layer_index)

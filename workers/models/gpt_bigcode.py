@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from rayinfer.workers.layers.fused_qkv import BlockQKVLinear, PerHeadQKVLinear
+from rayinfer.workers.layers.fused_qkv import FusedQKVLayout, FusedQKVParallelLinear
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.gpt2 import GPT2_RENAMES, GPT2LMHeadModel, GPT2Model
 
@@ -22,8 +22,10 @@ class GPTBigCodeModel(GPT2Model):
 
     def qkv_proj(self, spec: ModelSpec) -> nn.Module:
         if spec.raw.get("multi_query", True):
-            return BlockQKVLinear(spec.hidden_size, spec.head_dim, spec.num_heads, 1, bias=True)
-        return PerHeadQKVLinear(spec.hidden_size, spec.head_dim, spec.num_heads, bias=True)
+            layout = FusedQKVLayout("blocks", spec.num_heads, 1, spec.head_dim)
+        else:
+            layout = FusedQKVLayout("per_head", spec.num_heads, spec.num_heads, spec.head_dim)
+        return FusedQKVParallelLinear(spec.hidden_size, layout, bias=True)
 
 
 class GPTBigCodeForCausalLM(GPT2LMHeadModel):

@@ -14,7 +14,7 @@ from torch import nn
 from rayinfer.workers.layers.attention import AttentionMetadata
 from rayinfer.workers.layers.dense_mlp import DenseMLP
 from rayinfer.workers.layers.embedding import VocabParallelEmbedding
-from rayinfer.workers.layers.fused_qkv import BlockQKVLinear
+from rayinfer.workers.layers.fused_qkv import FusedQKVLayout, FusedQKVParallelLinear
 from rayinfer.workers.layers.norm import LayerNorm
 from rayinfer.workers.layers.position_embedding import LearnedPositionEmbedding
 from rayinfer.workers.model_config import ModelSpec
@@ -55,7 +55,9 @@ class OPTModel(nn.Module):
         self.layers = nn.ModuleList(
             LayerNormDecoderLayer(
                 SelfAttention(
-                    BlockQKVLinear(hidden, spec.head_dim, spec.num_heads, spec.num_heads, bias=bias),
+                    FusedQKVParallelLinear(
+                        hidden, FusedQKVLayout("blocks", spec.num_heads, spec.num_heads, spec.head_dim), bias=bias
+                    ),
                     spec.num_heads,
                     hidden,
                     out_bias=bias,

@@ -12,7 +12,7 @@ import dataclasses
 
 from torch import nn
 
-from rayinfer.workers.layers.layernorm_variants import LayerNorm
+from rayinfer.workers.layers.norm import LayerNorm
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, LlamaModel
 from rayinfer.workers.models.llama_variants import ParallelResidualLayer, VariantAttention

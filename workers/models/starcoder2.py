@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rayinfer.workers.layers.layernorm_variants import LayerNorm
+from rayinfer.workers.layers.norm import LayerNorm
 from rayinfer.workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel

@@ -191,9 +191,9 @@ _ROUTER_GAIN = 2.0
 _GAINS["qkv_proj"] = 1.5  # Phi-3's fused q/k/v
 # Fused q/k/v projections (GPT-2's and GPT-BigCode's c_attn, GPT-NeoX's and Falcon's query_key_value) as q/k/v.
 _GAINS.update(c_attn=1.5, query_key_value=1.5)
-# Bloom's query_key_value sharper: with ALiBi as its only position signal its random greedy outputs otherwise
-# settle into short loops.
-_MODEL_TYPE_GAINS = {"bloom": {"query_key_value": 2.0}}
+# Sharper query_key_value for Bloom (ALiBi is its only position signal) and GPT-NeoX (rotary on a quarter of each
+# head): their random greedy outputs otherwise settle into short loops.
+_MODEL_TYPE_GAINS = {"bloom": {"query_key_value": 2.0}, "gpt_neox": {"query_key_value": 2.0}}
 
 
 def _gain(model_type: str, leaf: str) -> float:

@@ -286,11 +286,12 @@ def test_per_head_qkv_rank_takes_a_block_of_heads(tiny_checkpoint, rank_one_of_t
         full = _full_tensors(model_dir)
         attn = _build(model_dir).model.layers[0].self_attn
         per_head = full[f"{name}.weight"].view(4, 3, 16, 64)
-        _exact(attn.qkv_proj.weight, per_head[2:].reshape(-1, 64))
+        # Stored as this rank's [q | k | v]: heads 2 and 3 of each, picked out of the interleaved rows.
+        _exact(attn.qkv_proj.weight, torch.cat([per_head[2:, part].reshape(-1, 64) for part in range(3)]))
         q, k, v = attn.qkv_proj.split(torch.arange(96.0).view(1, 96))
-        _exact(q, torch.tensor([list(range(0, 16)) + list(range(48, 64))], dtype=torch.float32))
-        _exact(k, q + 16)
-        _exact(v, q + 32)
+        _exact(q, torch.arange(32.0).view(1, 32))
+        _exact(k, q + 32)
+        _exact(v, q + 64)
         if arch == "bloom":
             _exact(attn.attn.alibi_slopes, alibi_slopes(4)[2:])
 

@@ -190,7 +190,7 @@ def _with_config(model_dir, tmp_path, **changes):
     ("arch", "changes", "message"),
     [
         ("falcon", {"parallel_attn": False}, "new_decoder_architecture=True needs parallel_attn=True"),
-        ("gpt_neox", {"hidden_act": "swiglu"}, "activation 'swiglu' is not supported"),
+        ("gpt_neox", {"hidden_act": "swiglu"}, "hidden_act 'swiglu' is not supported"),
         ("gptj", {"rotary_dim": 5}, r"rotary_dim \(5\) must be even"),
     ],
     ids=["falcon-new-sequential", "neox-activation", "gptj-odd-rotary-dim"],

@@ -41,6 +41,7 @@ def falcon_block_layout(spec: ModelSpec) -> BlockLayout:
     return BlockLayout(
         norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
         activation=spec.hidden_act,
+        activation_field="activation",
         rope=replace(spec.rope, rot_dim=spec.head_dim),  # Falcon rotates whole heads
         neox_rotary=True,
         parallel_residual=parallel,

@@ -31,6 +31,7 @@ class GPTJForCausalLM(ParallelResidualForCausalLM):
         return BlockLayout(
             norm_eps=float(spec.raw.get("layer_norm_epsilon", 1e-5)),
             activation=spec.hidden_act,
+            activation_field="activation_function",
             rope=rope,
             neox_rotary=False,
             parallel_residual=True,

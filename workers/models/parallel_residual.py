@@ -48,6 +48,7 @@ class BlockLayout:
     fused_qkv: FusedQKVLayout | None = None  # None: separate q_proj/k_proj/v_proj tensors
     # ALiBi instead of rotary: per-head slopes of the bias added to the scaled scores (slope * (k_pos - q_pos)).
     alibi_slopes: torch.Tensor | None = None
+    activation_field: str = "hidden_act"  # the config key naming the activation, for error messages
 
 
 class RotaryAttention(nn.Module):
@@ -97,7 +98,9 @@ class ParallelResidualLayer(nn.Module):
         needs_second = layout.two_norms or not layout.parallel_residual
         self.post_attention_layernorm = LayerNorm(spec.hidden_size, layout.norm_eps) if needs_second else None
         self.self_attn = RotaryAttention(spec, layout)
-        self.mlp = DenseMLP(spec.hidden_size, spec.intermediate_size, layout.activation, layout.mlp_bias)
+        self.mlp = DenseMLP(
+            spec.hidden_size, spec.intermediate_size, layout.activation, layout.mlp_bias, layout.activation_field
+        )
 
     def forward(self, h: torch.Tensor, rope: RopeTables, meta: AttentionMetadata) -> torch.Tensor:
         normed = self.input_layernorm(h)

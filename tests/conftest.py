@@ -1,6 +1,7 @@
 """Shared fixtures: tiny checkpoints built once per session, and transformers as the reference."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,28 @@ def assert_varied(name: str, reference: list[list[int]]) -> None:
     distinct = {t for out in reference for t in out}
     assert len(distinct) > 30, f"{name}: reference output collapsed to {len(distinct)} distinct tokens"
     assert all(len(set(out)) > 4 for out in reference), f"{name}: a continuation repeats itself: {reference}"
+
+
+COVERAGE_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="session")
+def greedy_matches_transformers(tiny_checkpoint, hf_greedy, coverage_prompts, rayinfer_greedy):
+    """Returns check(name, arch, overrides, architecture, attn_implementation=None): a tiny `arch` checkpoint
+    (config `overrides`) names `architecture`, transformers' greedy output over the coverage prompts varies, and
+    ours equals it token for token over COVERAGE_NEW_TOKENS, with a 16-token step budget splitting the prompts."""
+
+    def check(name: str, arch: str, overrides: dict, architecture: str, attn_implementation: str | None = None) -> None:
+        model_dir = tiny_checkpoint(arch, **overrides)
+        config = json.loads((model_dir / "config.json").read_text())
+        assert config["architectures"] == [architecture]
+        prompts = coverage_prompts(model_dir)
+        assert max(len(p) for p in prompts) > 16  # the budget below splits the longer prompts across steps
+        reference = hf_greedy(model_dir, prompts, COVERAGE_NEW_TOKENS, attn_implementation=attn_implementation)
+        assert_varied(name, reference)
+        assert rayinfer_greedy(model_dir, prompts, COVERAGE_NEW_TOKENS, max_num_batched_tokens=16) == reference
+
+    return check
 
 
 @pytest.fixture(scope="session")

@@ -55,18 +55,9 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_greedy_matches_transformers(
-    name: str, tiny_checkpoint, hf_greedy, coverage_prompts, rayinfer_greedy, varied
-) -> None:
+def test_greedy_matches_transformers(name: str, greedy_matches_transformers) -> None:
     arch, overrides = CONFIGS[name]
-    model_dir = tiny_checkpoint(arch, **overrides)
-    config = json.loads((model_dir / "config.json").read_text())
-    assert config["architectures"] == [ARCHITECTURES[arch]]
-    prompts = coverage_prompts(model_dir)
-    assert max(len(p) for p in prompts) > 16  # the budget below splits the longer prompts across steps
-    reference = hf_greedy(model_dir, prompts, NEW_TOKENS)
-    varied(name, reference)
-    assert rayinfer_greedy(model_dir, prompts, NEW_TOKENS, max_num_batched_tokens=16) == reference
+    greedy_matches_transformers(name, arch, overrides, ARCHITECTURES[arch])
 
 
 # Mutation checks: the same family with one peculiarity switched (in config.json or in our model) gives other

@@ -5,6 +5,7 @@ asks for, so the existing tensor-parallel loaders (which cut rows or columns) wo
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,3 +60,26 @@ def load_transposed(module: nn.Module) -> None:
         inner(p, TransposedTensor(loaded), shard_id)
 
     param.weight_loader = loader
+
+
+ShardLoader = Callable[[nn.Parameter, object, object], None]
+
+
+def fused_rows_loader(shard_loader: ShardLoader, parts: Sequence[tuple[object, int]]) -> ShardLoader:
+    """A weight_loader for a checkpoint tensor holding `parts` ((shard_id, rows) in order) stacked along dim 0
+    (Phi-3's qkv_proj and gate_up_proj): each part's rows go through the parameter's own shard loader, so tensor
+    parallelism picks each rank's rows of every part as it does for separate tensors."""
+    expected_rows = sum(rows for _, rows in parts)
+
+    def load(param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:
+        if loaded.shape[0] != expected_rows:
+            raise ValueError(
+                f"checkpoint tensor {loaded.name} of shape {loaded.shape} does not hold the fused parts "
+                f"{[part for part, _ in parts]} ({expected_rows} rows) that config.json implies"
+            )
+        start = 0
+        for part, rows in parts:
+            shard_loader(param, RowRange(loaded, start, rows), part)
+            start += rows
+
+    return load

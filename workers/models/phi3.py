@@ -7,7 +7,7 @@ longrope/su) is refused when the config is read (see `normalize_phi3_config` in 
 """
 from __future__ import annotations
 
-from rayinfer.workers.layers.fused_checkpoint import fused_rows_loader
+from rayinfer.workers.layers.checkpoint_views import fused_rows_loader
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.llama import (
     LlamaAttention,

@@ -6,34 +6,17 @@ c_fc by columns and c_proj by rows, so tensor parallelism works as for Llama.
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
+from rayinfer.workers.layers.dense_mlp import DenseMLP
 from rayinfer.workers.layers.norm import LayerNorm
-from rayinfer.workers.layers.linear import ColumnParallelLinear, RowParallelLinear
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
-# transformers' activation names -> torch's gelu `approximate` (here "gelu" is the exact erf form).
-_GELU_APPROXIMATE = {"gelu": "none", "gelu_pytorch_tanh": "tanh", "gelu_new": "tanh"}
 
+class Starcoder2MLP(DenseMLP):
+    """c_fc -> GELU ("gelu" is the exact erf form here, "gelu_pytorch_tanh" the tanh one) -> c_proj."""
 
-class Starcoder2MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
-        super().__init__()
-        if spec.hidden_act not in _GELU_APPROXIMATE:
-            raise ValueError(
-                f"hidden_act {spec.hidden_act!r} is not supported for {spec.architecture}; "
-                f"expected one of {sorted(_GELU_APPROXIMATE)}"
-            )
-        self.approximate = _GELU_APPROXIMATE[spec.hidden_act]
-        self.c_fc = ColumnParallelLinear(spec.hidden_size, spec.intermediate_size, bias=spec.mlp_bias)
-        self.c_proj = RowParallelLinear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # An elementwise torch op: no kernel of ours to fuse it with (the MLP is not gated).
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        super().__init__(spec.hidden_size, spec.intermediate_size, spec.hidden_act, spec.mlp_bias, field="hidden_act")
 
 
 class Starcoder2DecoderLayer(LlamaDecoderLayer):
@@ -48,3 +31,4 @@ class Starcoder2Model(LlamaModel):
 
 class Starcoder2ForCausalLM(LlamaForCausalLM):
     model_cls = Starcoder2Model
+    checkpoint_renames = ((r"\.mlp\.c_fc\.", ".mlp.fc."), (r"\.mlp\.c_proj\.", ".mlp.proj."))

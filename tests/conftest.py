@@ -107,9 +107,12 @@ def rayinfer_greedy():
 
     def generate(model_dir: Path, prompts: list[list[int]], max_tokens: int, **engine_args: Any) -> list[list[int]]:
         llm = LLM(str(model_dir), dtype="float32", **engine_args)
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks, "KV blocks leaked"
+        try:
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks, "KV blocks leaked"
+        finally:
+            llm.shutdown()  # a Ray engine's workers give their CPU slots back for the next engine
         return [out.outputs[0].token_ids for out in outputs]
 
     return generate
@@ -127,11 +130,19 @@ COVERAGE_NEW_TOKENS = 24
 
 @pytest.fixture(scope="session")
 def greedy_matches_transformers(tiny_checkpoint, hf_greedy, coverage_prompts, rayinfer_greedy):
-    """Returns check(name, arch, overrides, architecture, attn_implementation=None): a tiny `arch` checkpoint
-    (config `overrides`) names `architecture`, transformers' greedy output over the coverage prompts varies, and
-    ours equals it token for token over COVERAGE_NEW_TOKENS, with a 16-token step budget splitting the prompts."""
+    """Returns check(name, arch, overrides, architecture, attn_implementation=None, **engine_args): a tiny `arch`
+    checkpoint (config `overrides`) names `architecture`, transformers' greedy output over the coverage prompts
+    varies, and ours (with `engine_args`, e.g. tensor parallelism on Ray) equals it token for token over
+    COVERAGE_NEW_TOKENS, with a 16-token step budget splitting the prompts."""
 
-    def check(name: str, arch: str, overrides: dict, architecture: str, attn_implementation: str | None = None) -> None:
+    def check(
+        name: str,
+        arch: str,
+        overrides: dict,
+        architecture: str,
+        attn_implementation: str | None = None,
+        **engine_args: Any,
+    ) -> None:
         model_dir = tiny_checkpoint(arch, **overrides)
         config = json.loads((model_dir / "config.json").read_text())
         assert config["architectures"] == [architecture]
@@ -139,7 +150,8 @@ def greedy_matches_transformers(tiny_checkpoint, hf_greedy, coverage_prompts, ra
         assert max(len(p) for p in prompts) > 16  # the budget below splits the longer prompts across steps
         reference = hf_greedy(model_dir, prompts, COVERAGE_NEW_TOKENS, attn_implementation=attn_implementation)
         assert_varied(name, reference)
-        assert rayinfer_greedy(model_dir, prompts, COVERAGE_NEW_TOKENS, max_num_batched_tokens=16) == reference
+        ours = rayinfer_greedy(model_dir, prompts, COVERAGE_NEW_TOKENS, max_num_batched_tokens=16, **engine_args)
+        assert ours == reference
 
     return check
 

@@ -316,27 +316,10 @@ TP_CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(TP_CONFIGS))
-def test_tensor_parallel_matches_transformers(
-    name: str, tiny_checkpoint, coverage_prompts, hf_greedy, varied, ray_session
-) -> None:
-    from rayinfer.cluster import LLM, SamplingParams
-
+def test_tensor_parallel_matches_transformers(name: str, greedy_matches_transformers, ray_session) -> None:
     arch, overrides = TP_CONFIGS[name]
-    model_dir = tiny_checkpoint(arch, **overrides)
-    prompts = coverage_prompts(model_dir)
-    reference = hf_greedy(model_dir, prompts, NEW_TOKENS, attn_implementation=_attn_implementation(overrides))
-    varied(name, reference)
-    llm = LLM(
-        str(model_dir), dtype="float32", tensor_parallel_size=2, distributed_executor_backend="ray",
-        max_num_batched_tokens=16,
-    )
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks, "KV blocks leaked"
-    finally:
-        llm.shutdown()
-    assert [out.outputs[0].token_ids for out in outputs] == reference
+    on_ray = dict(tensor_parallel_size=2, distributed_executor_backend="ray")
+    greedy_matches_transformers(name, arch, overrides, ARCHITECTURES[arch], _attn_implementation(overrides), **on_ray)
 
 
 # --- Triton kernels ---------------------------------------------------------------------------------------------------

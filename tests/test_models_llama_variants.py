@@ -262,24 +262,11 @@ TP2_CONFIGS = ["phi3-mqa-window-partial-tied", "stablelm-sequential-qknorm-bias"
 
 
 @pytest.mark.parametrize("name", TP2_CONFIGS)
-def test_tensor_parallel_two_matches_transformers(
-    name: str, tiny_checkpoint, hf_greedy, coverage_prompts, ray_session
-) -> None:
-    from rayinfer.cluster import LLM, SamplingParams
-
+def test_tensor_parallel_two_matches_transformers(name: str, greedy_matches_transformers, ray_session) -> None:
     arch, overrides = CONFIGS[name]
-    model_dir = tiny_checkpoint(arch, **overrides)
-    prompts = coverage_prompts(model_dir)
-    reference = hf_greedy(model_dir, prompts, NEW_TOKENS)
-    llm = LLM(str(model_dir), dtype="float32", tensor_parallel_size=2, distributed_executor_backend="ray",
-              max_num_batched_tokens=16)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks, "KV blocks leaked"
-    finally:
-        llm.shutdown()  # frees the two workers' CPU slots for the next engine
-    assert [out.outputs[0].token_ids for out in outputs] == reference
+    greedy_matches_transformers(
+        name, arch, overrides, ARCHITECTURES[arch], tensor_parallel_size=2, distributed_executor_backend="ray"
+    )
 
 
 # The Triton kernels these families add to Llama's (LayerNorm with and without bias, per-head LayerNorm, GPT-J

@@ -242,22 +242,11 @@ def test_triton_path_matches_transformers(
     assert rayinfer_greedy(model_dir, prompts, 12, max_num_batched_tokens=16) == reference
 
 
-def test_tp2_on_ray_matches_transformers(tiny_checkpoint, hf_greedy, coverage_prompts, ray_session) -> None:
+def test_tp2_on_ray_matches_transformers(greedy_matches_transformers, ray_session) -> None:
     """Two tensor-parallel Ray workers: attention heads, the dense and shared MLPs and every expert's intermediate
-    dimension split in two; the router replicated."""
-    from rayinfer.cluster import LLM, SamplingParams
-
-    model_dir = tiny_checkpoint("qwen2_moe", mlp_only_layers=[1])
-    prompts = coverage_prompts(model_dir)
-    reference = hf_greedy(model_dir, prompts, NEW_TOKENS)
-    llm = LLM(
-        str(model_dir), dtype="float32", tensor_parallel_size=2, distributed_executor_backend="ray",
-        max_num_batched_tokens=16,
+    dimension split in two; the router replicated (layer 0 sparse with a shared expert, layer 1 dense)."""
+    name = "qwen2_moe-mlp-only-layer"
+    arch, overrides = CONFIGS[name]
+    greedy_matches_transformers(
+        name, arch, overrides, ARCHITECTURES[arch], tensor_parallel_size=2, distributed_executor_backend="ray"
     )
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        assert [o.outputs[0].token_ids for o in outputs] == reference
-        assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
-    finally:
-        llm.shutdown()

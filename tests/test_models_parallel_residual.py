@@ -251,23 +251,11 @@ def test_fused_qkv_gives_each_rank_its_heads(name: str, tiny_checkpoint) -> None
 
 
 @pytest.mark.parametrize("name", ["gpt_neox-parallel", "falcon-new-gqa"])
-def test_tp2_on_ray_matches_transformers(name: str, tiny_checkpoint, hf_greedy, coverage_prompts, ray_session) -> None:
-    from rayinfer.cluster import LLM, SamplingParams
-
+def test_tp2_on_ray_matches_transformers(name: str, greedy_matches_transformers, ray_session) -> None:
     arch, overrides = CONFIGS[name]
-    model_dir = tiny_checkpoint(arch, **overrides)
-    prompts = coverage_prompts(model_dir)
-    llm = LLM(
-        str(model_dir), dtype="float32", tensor_parallel_size=2, distributed_executor_backend="ray",
-        max_num_batched_tokens=16,
+    greedy_matches_transformers(
+        name, arch, overrides, ARCHITECTURES[arch], tensor_parallel_size=2, distributed_executor_backend="ray"
     )
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
-    finally:
-        llm.shutdown()
-    assert [o.outputs[0].token_ids for o in outputs] == hf_greedy(model_dir, prompts, NEW_TOKENS)
 
 
 @pytest.mark.parametrize(

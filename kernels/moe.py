@@ -81,7 +81,9 @@ def expert_block_layout(topk_ids: torch.Tensor, num_experts: int, block_m: int) 
     num_assignments = flat_ids.numel()
     device = flat_ids.device
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    # Not bincount: on CUDA it reads the largest id back to the host, which a CUDA graph capture cannot contain.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded

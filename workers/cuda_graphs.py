@@ -24,8 +24,10 @@ CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [s for s in CAPTURE_SIZES if s < max_num_seqs]
-    return sizes + [max_num_seqs] if max_num_seqs <= CAPTURE_SIZES[-1] else sizes + [CAPTURE_SIZES[-1]]
+    """CAPTURE_SIZES below max_num_seqs, then max_num_seqs itself (larger decode batches run eagerly)."""
+    if max_num_seqs >= CAPTURE_SIZES[-1]:
+        return list(CAPTURE_SIZES)
+    return [s for s in CAPTURE_SIZES if s < max_num_seqs] + [max_num_seqs]
 
 
 class DecodeGraphs:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rayinfer.cluster import LLM, SamplingParams
-from rayinfer.workers.cuda_graphs import DecodeGraphs, capture_sizes
+from rayinfer.workers.cuda_graphs import CAPTURE_SIZES, DecodeGraphs, capture_sizes
 
 PROMPTS = ["A", "The quick brown fox jumps over the lazy dog.", "Once upon a time", "Hello world", "café 🙂"]
 
@@ -15,7 +15,7 @@ def test_capture_sizes_cover_every_batch_up_to_max_num_seqs() -> None:
     assert capture_sizes(1) == [1]
     assert capture_sizes(5) == [1, 2, 4, 5]
     assert capture_sizes(64)[-3:] == [32, 48, 64]
-    assert capture_sizes(1000)[-1] == 256  # larger decode batches run eagerly
+    assert capture_sizes(256) == capture_sizes(1000) == list(CAPTURE_SIZES)  # larger decode batches run eagerly
 
 
 class _EagerReplay:

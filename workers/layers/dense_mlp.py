@@ -3,7 +3,8 @@
 fc is column-parallel and proj row-parallel, so each rank holds a slice of the intermediate features and one
 all-reduce sums the output, as for the gated MLP. The activations follow transformers' ACT2FN formulas exactly (same operation order), since a float32 greedy
 comparison can flip on the last bit: "gelu" is the erf form, "gelu_new" the tanh formula written out,
-"gelu_pytorch_tanh" torch's fused tanh form (Bloom's own GELU, whose constant 0.79788456 is sqrt(2/pi) in float32).
+"gelu_pytorch_tanh" torch's fused tanh form (also Bloom's own GELU: its constant 0.79788456 is sqrt(2/pi) in
+float32).
 """
 from __future__ import annotations
 

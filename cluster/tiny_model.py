@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rayinfer.configs.cache_dir import cache_root
+
 if TYPE_CHECKING:  # transformers is heavy; import it only when a checkpoint is actually built
     from transformers import PreTrainedTokenizerFast
 
@@ -497,14 +499,9 @@ def build_tiny_checkpoint(
     return out
 
 
-def _cache_root() -> Path:
-    env = os.environ.get("RAYINFER_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "rayinfer"
-
-
 def default_tiny_model_dir(arch: str = "llama") -> Path:
     """Returns the cached default tiny checkpoint, building it once (into a temp dir, then an atomic rename)."""
-    target = _cache_root() / f"tiny-{arch}-v{TINY_FORMAT_VERSION}"
+    target = cache_root() / f"tiny-{arch}-v{TINY_FORMAT_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -530,5 +527,5 @@ def ensure_model_dir(model: str) -> None:
     if (path / "config.json").is_file():
         return
     for arch in SUPPORTED_TINY_ARCHS:
-        if path == _cache_root() / f"tiny-{arch}-v{TINY_FORMAT_VERSION}":
+        if path == cache_root() / f"tiny-{arch}-v{TINY_FORMAT_VERSION}":
             default_tiny_model_dir(arch)

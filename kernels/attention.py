@@ -8,6 +8,8 @@ whose K/V the caller has already written).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -79,17 +81,19 @@ def _attend(
     return out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim).to(q.dtype)
 
 
-def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
     """`_attend` without soft-capping or ALiBi, through torch's fused attention: on CPU several times faster for
-    batched decodes (no broadcast copies of K/V per query head, one multi-threaded kernel)."""
+    batched decodes (no broadcast copies of K/V per query head, one multi-threaded kernel). allowed=None means
+    plain causal attention of a chunk over itself (q and k of the same length): the fused kernel then skips the
+    masked half instead of computing and masking it."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    mask = allowed[:, None]
+    mask = None if allowed is None else allowed[:, None]
     try:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
     except TypeError:  # torch < 2.5: no enable_gqa, so repeat K/V per query head
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
     return out.transpose(1, 2)
 
 
@@ -124,39 +128,81 @@ def paged_attention_reference(
     cap * tanh(score / cap) (after scaling). alibi_slopes [Hq]: adds slope * (k_pos - q_pos).
     max_query_len / max_seq_len / num_splits are launch hints for the Triton kernel; results do not depend on them.
     """
-    starts = query_start_loc.tolist()
-    lengths = seq_lens.tolist()
-    query_lens = [starts[i + 1] - starts[i] for i in range(len(lengths))]
+    step = StepLayout.of(query_start_loc, seq_lens)
+    scoring = Scoring(scale, sliding_window, soft_cap, alibi_slopes)
     out = torch.empty_like(q)
-    device = q.device
+    attend_decodes_reference(out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, step, scoring)
+    attend_chunks_reference(out, q, k_cache, v_cache, block_tables, seq_lens, step, scoring)
+    return out
 
-    def attend(q_rows, k, v, q_pos, lens):
-        k_pos = torch.arange(k.shape[1], device=device)
-        allowed = _allowed(q_pos, k_pos, lens, sliding_window)
-        if soft_cap is None and alibi_slopes is None:
-            return _attend_sdpa(q_rows, k, v, allowed, scale)
-        bias = (k_pos[None, None, :] - q_pos[:, :, None]) if alibi_slopes is not None else None
-        return _attend(q_rows, k, v, allowed, scale, soft_cap, bias, alibi_slopes)
 
-    # Decodes run batched, padded to the longest context of their group: sorted by length in groups of
-    # _DECODE_GROUP, so short contexts are not padded to the longest of the whole step.
-    decode_rows = sorted((i for i, n in enumerate(query_lens) if n == 1), key=lengths.__getitem__)
+@dataclass(frozen=True)
+class StepLayout:
+    """The step's row layout on the host: where each sequence's queries start, its context and chunk lengths."""
+
+    starts: list[int]
+    lengths: list[int]
+    query_lens: list[int]
+
+    @staticmethod
+    def of(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> "StepLayout":
+        starts = query_start_loc.tolist()
+        lengths = seq_lens.tolist()
+        return StepLayout(starts, lengths, [starts[i + 1] - starts[i] for i in range(len(lengths))])
+
+    def decode_rows(self) -> list[int]:
+        return [i for i, n in enumerate(self.query_lens) if n == 1]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How scores are formed and masked, beyond causality."""
+
+    scale: float
+    sliding_window: int | None = None
+    soft_cap: float | None = None
+    alibi_slopes: torch.Tensor | None = None
+
+    def plain(self) -> bool:
+        """Scaled dot products and nothing else: torch's fused attention covers it."""
+        return self.soft_cap is None and self.alibi_slopes is None
+
+    def attend(self, q_rows, k, v, q_pos, lens):
+        """q_rows [B, Lq, Hq, D] at positions q_pos [B, Lq] over k/v [B, Lk, Hkv, D] of lengths lens [B]."""
+        k_pos = torch.arange(k.shape[1], device=q_rows.device)
+        allowed = _allowed(q_pos, k_pos, lens, self.sliding_window)
+        if self.plain():
+            return _attend_sdpa(q_rows, k, v, allowed, self.scale)
+        bias = (k_pos[None, None, :] - q_pos[:, :, None]) if self.alibi_slopes is not None else None
+        return _attend(q_rows, k, v, allowed, self.scale, self.soft_cap, bias, self.alibi_slopes)
+
+
+def attend_decodes_reference(out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, step, scoring) -> None:
+    """The step's decode rows, batched and padded to the longest context of their group: sorted by length in
+    groups of _DECODE_GROUP, so short contexts are not padded to the longest of the whole step."""
+    decode_rows = sorted(step.decode_rows(), key=step.lengths.__getitem__)
     for first in range(0, len(decode_rows), _DECODE_GROUP):
         group = decode_rows[first : first + _DECODE_GROUP]
-        rows = torch.tensor(group, device=device)
+        rows = torch.tensor(group, device=q.device)
         token_idx = query_start_loc[rows]
         lens = seq_lens[rows]
-        k, v = _gather_context(k_cache, v_cache, block_tables[rows], lengths[group[-1]])
-        out[token_idx] = attend(q[token_idx].unsqueeze(1), k, v, (lens - 1)[:, None], lens).squeeze(1)
+        k, v = _gather_context(k_cache, v_cache, block_tables[rows], step.lengths[group[-1]])
+        out[token_idx] = scoring.attend(q[token_idx].unsqueeze(1), k, v, (lens - 1)[:, None], lens).squeeze(1)
 
-    for i, q_len in enumerate(query_lens):
+
+def attend_chunks_reference(out, q, k_cache, v_cache, block_tables, seq_lens, step, scoring) -> None:
+    """The step's prefill chunks (query_len > 1), one at a time."""
+    for i, q_len in enumerate(step.query_lens):
         if q_len <= 1:
             continue
-        start, length = starts[i], lengths[i]
+        start, length = step.starts[i], step.lengths[i]
         k, v = _gather_context(k_cache, v_cache, block_tables[i : i + 1], length)
-        q_pos = torch.arange(length - q_len, length, device=device)[None]
-        out[start : start + q_len] = attend(q[start : start + q_len].unsqueeze(0), k, v, q_pos, seq_lens[i : i + 1])[0]
-    return out
+        q_pos = torch.arange(length - q_len, length, device=q.device)[None]
+        rows = q[start : start + q_len].unsqueeze(0)
+        if q_len == length and scoring.plain() and scoring.sliding_window is None:  # a whole prompt: plain causal
+            out[start : start + q_len] = _attend_sdpa(rows, k[:, :length], v[:, :length], None, scoring.scale)[0]
+        else:
+            out[start : start + q_len] = scoring.attend(rows, k, v, q_pos, seq_lens[i : i + 1])[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

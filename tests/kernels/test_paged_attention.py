@@ -1,4 +1,5 @@
-"""The paged attention reference against plain dense causal attention on the same sequences."""
+"""The paged attention reference, and the CPU path (native decode kernel), against plain dense causal attention
+on the same sequences."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,9 @@ import pytest
 import torch
 
 from rayinfer.kernels.attention import paged_attention_reference, write_kv_reference
+from rayinfer.kernels.cpu_attention import paged_attention_cpu
+
+IMPLEMENTATIONS = {"reference": paged_attention_reference, "cpu": paged_attention_cpu}
 
 
 def _dense_attention(q, k, v, q_positions, window):
@@ -27,7 +31,10 @@ def _dense_attention(q, k, v, q_positions, window):
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (4, 2), (8, 1), (6, 3)])
 @pytest.mark.parametrize("block_size", [1, 4, 16])
 @pytest.mark.parametrize("window", [None, 5])
-def test_mixed_step_matches_dense(num_heads: int, num_kv_heads: int, block_size: int, window: int | None) -> None:
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
+def test_mixed_step_matches_dense(
+    num_heads: int, num_kv_heads: int, block_size: int, window: int | None, implementation: str
+) -> None:
     rng = random.Random(num_heads * 100 + block_size + (window or 0))
     torch.manual_seed(rng.randrange(1 << 30))
     head_dim, num_blocks = 16, 64
@@ -71,7 +78,7 @@ def test_mixed_step_matches_dense(num_heads: int, num_kv_heads: int, block_size:
         v_cache,
         torch.tensor(slots + [-1]),
     )
-    out = paged_attention_reference(
+    out = IMPLEMENTATIONS[implementation](
         q, k_cache, v_cache, block_tables, torch.tensor(starts), torch.tensor(lens), head_dim**-0.5, window
     )
     for i, (context, new) in enumerate(shapes):

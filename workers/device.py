@@ -30,12 +30,17 @@ def use_cpu_cores(world_size: int) -> int:
     """Gives a CPU worker its share of this machine's cores as torch threads; returns the thread count.
 
     A Ray actor that reserved one logical CPU starts with OMP_NUM_THREADS=1, which would leave a CPU engine
-    computing on one core of many. The workers of one engine split the cores the process may run on, less one
-    for the processes around them (the scheduler loop, Serve's proxy and ingress): measured on a 2-core machine,
-    a worker with both cores under a serving load was 2-5x slower than one with one core, as torch's threads
-    waited on each other whenever another process ran."""
+    computing on one core of many. The workers of one engine split all the cores the process may run on
+    (RAYINFER_CPU_THREADS overrides the count). Measured serving llama-56m on the 2-core machine at 3 requests/s:
+    a worker with both cores had p99 TTFT 322-417 ms and p99 TPOT 69-82 ms, against 763 ms and 129 ms with one
+    core and the other left to Serve's proxy, the ingress and the scheduler loop (BENCHMARKS.md, serving)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, (cores - 1) // max(1, world_size))
+    threads = max(1, cores // max(1, world_size))
+    forced = os.environ.get("RAYINFER_CPU_THREADS", "").strip()
+    if forced:
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"RAYINFER_CPU_THREADS must be a positive integer (got {forced!r})")
+        threads = int(forced)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads

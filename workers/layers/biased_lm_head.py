@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rayinfer.workers.layers.embedding import ParallelLMHead, project_to_vocab
+from rayinfer.workers.layers.cpu_matmul import linear
+from rayinfer.workers.layers.embedding import ParallelLMHead
 
 
 class BiasedLMHead(ParallelLMHead):
@@ -14,5 +15,5 @@ class BiasedLMHead(ParallelLMHead):
         self.bias.weight_loader = self.load_rows  # same vocabulary range as the weight rows; padding stays 0
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather_last_dim(project_to_vocab(hidden, self.weight, self.bias))
+        logits = self.tp.all_gather_last_dim(linear(hidden, self.weight, self.bias))
         return logits[..., : self.vocab_size]

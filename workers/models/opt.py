@@ -8,10 +8,10 @@ q_proj/k_proj/v_proj load into one q/k/v projection split by heads; project_in/o
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rayinfer.workers.layers.attention import AttentionMetadata
+from rayinfer.workers.layers.cpu_matmul import linear
 from rayinfer.workers.layers.dense_mlp import DenseMLP
 from rayinfer.workers.layers.embedding import VocabParallelEmbedding
 from rayinfer.workers.layers.fused_qkv import FusedQKVLayout, FusedQKVParallelLinear
@@ -32,7 +32,7 @@ class ReplicatedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
 
 class OPTModel(nn.Module):

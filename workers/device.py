@@ -32,7 +32,7 @@ def use_cpu_cores(world_size: int) -> int:
     A Ray actor that reserved one logical CPU starts with OMP_NUM_THREADS=1, which would leave a CPU engine
     computing on one core of many. The workers of one engine split all the cores the process may run on
     (RAYINFER_CPU_THREADS overrides the count). Measured serving llama-56m on the 2-core machine at 3 requests/s:
-    a worker with both cores had p99 TTFT 322-417 ms and p99 TPOT 69-82 ms, against 763 ms and 129 ms with one
+    a worker with both cores had p99 TTFT 317-417 ms and p99 TPOT 66-82 ms, against 763 ms and 129 ms with one
     core and the other left to Serve's proxy, the ingress and the scheduler loop (BENCHMARKS.md, serving)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cores // max(1, world_size))

@@ -64,21 +64,22 @@ def _compiler_version(compiler: str) -> str:
 
 
 def _build(compiler: str, source: Path, flags: list[str], target: Path) -> bool:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
-    os.close(fd)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
+        os.close(fd)
         done = subprocess.run([compiler, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             logger.info("native kernel %s: %s %s failed: %s", source.name, compiler, " ".join(flags), done.stderr[-2000:])
             return False
         os.replace(tmp, target)
         return True
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, subprocess.SubprocessError) as exc:  # an unwritable cache, a compiler that hangs
         logger.info("native kernel %s: build failed: %s", source.name, exc)
         return False
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

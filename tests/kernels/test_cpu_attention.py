@@ -139,3 +139,10 @@ def test_the_library_is_built_once_and_reused(fresh_native_library, tmp_path) ->
     assert load_native_library("paged_decode_cpu.c") is not None
     assert built[0].stat().st_mtime_ns == stamp and sorted((tmp_path / "native").glob("*.so")) == built
 
+
+
+def test_an_unwritable_cache_falls_back(monkeypatch, fresh_native_library, tmp_path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("RAYINFER_CACHE_DIR", str(blocker))  # native/ cannot be made under a file
+    assert load_native_library("paged_decode_cpu.c") is None

@@ -149,6 +149,7 @@ def test_logprobs_through_pipelined_workers_survive_a_restart(
     """Logprobs come back from rank 0 of a pipelined group (pending tokens included) and equal the in-process
     engine's; a worker killed mid-prefill loses the prompt logprobs in flight, which are then asked again."""
     monkeypatch.setenv("RAYINFER_RAY_COMPILED_GRAPH", compiled_graph)
+    monkeypatch.setenv("RAYINFER_PIPELINE_STEPS", "1")  # CPU workers run in order unless told
     asking = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=2)
     params = [asking, GREEDY, asking, asking]
     reference = LLM(str(llama_dir), max_num_batched_tokens=8).generate(PROMPTS, params, use_tqdm=False)

@@ -43,10 +43,12 @@ def native_decode_available() -> bool:
     return _decode_kernel() is not None
 
 
-def _native_covers(q: torch.Tensor, k_cache: torch.Tensor, scoring: Scoring) -> bool:
+def _native_covers(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scoring: Scoring) -> bool:
     return (
         q.dtype == torch.float32
         and k_cache.dtype == torch.float32
+        and v_cache.dtype == torch.float32
+        and v_cache.shape == k_cache.shape
         and q.device.type == "cpu"
         and scoring.soft_cap is None
         and scoring.alibi_slopes is None
@@ -108,7 +110,7 @@ def paged_attention_cpu(
 ) -> torch.Tensor:
     """Same contract and results as `paged_attention_reference`."""
     scoring = Scoring(scale, sliding_window, soft_cap, alibi_slopes)
-    if not (_native_covers(q, k_cache, scoring) and k_cache.is_contiguous() and v_cache.is_contiguous()):
+    if not (_native_covers(q, k_cache, v_cache, scoring) and k_cache.is_contiguous() and v_cache.is_contiguous()):
         return paged_attention_reference(
             q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, sliding_window, soft_cap, alibi_slopes
         )

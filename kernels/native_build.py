@@ -1,7 +1,7 @@
 """Builds a C kernel of this package once per machine and loads it with ctypes.
 
 CPU workers use a few C kernels where torch has no op that fits (attention straight from the paged pool). They
-need no torch headers, so a build is one compiler call of about a second: `cc -O3 -march=native -fopenmp`. The
+need no torch headers, so a build is two compiler calls of about a second (`cc -O3 -march=native -fopenmp`). The
 library is cached under $RAYINFER_CACHE_DIR (default ~/.cache/rayinfer)/native, keyed by the source, the flags,
 the compiler and this CPU's feature flags, and written by an atomic rename so concurrent workers can race safely.
 
@@ -28,9 +28,12 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "RAYINFER_CPU_NATIVE"
 # -ffast-math lets loops of expf vectorize (glibc's vector math) and sums reassociate into SIMD lanes; infinities
-# stay meaningful (-fno-finite-math-only) because the online softmax starts from -inf.
-_COMMON_FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC", "-shared"]
-_FLAG_SETS = (["-march=native", *_COMMON_FLAGS], _COMMON_FLAGS)  # the second for compilers without -march=native
+# stay meaningful (-fno-finite-math-only) because the online softmax starts from -inf. It is given to the compile
+# step only: linked with -ffast-math, a shared library gets crtfastmath.o, whose constructor switches the loading
+# thread to flush denormals to zero, which would change every later torch op of the process.
+_COMPILE_FLAGS = ["-O3", "-ffast-math", "-fno-finite-math-only", "-fopenmp", "-fPIC"]
+_LINK_FLAGS = ["-shared", "-fopenmp"]
+_FLAG_SETS = (["-march=native", *_COMPILE_FLAGS], _COMPILE_FLAGS)  # the second for compilers without -march=native
 
 
 def native_enabled() -> bool:
@@ -64,23 +67,31 @@ def _compiler_version(compiler: str) -> str:
 
 
 def _build(compiler: str, source: Path, flags: list[str], target: Path) -> bool:
-    tmp = None
+    temporaries: list[str] = []
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".so", dir=target.parent)
-        os.close(fd)
-        done = subprocess.run([compiler, *flags, "-o", tmp, str(source), "-lm"], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            logger.info("native kernel %s: %s %s failed: %s", source.name, compiler, " ".join(flags), done.stderr[-2000:])
-            return False
-        os.replace(tmp, target)
+        for suffix in (".o", ".so"):
+            fd, path = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=suffix, dir=target.parent)
+            os.close(fd)
+            temporaries.append(path)
+        obj, lib = temporaries
+        for command in (
+            [compiler, *flags, "-c", "-o", obj, str(source)],
+            [compiler, *_LINK_FLAGS, "-o", lib, obj, "-lm"],
+        ):
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                logger.info("native kernel %s: %s failed: %s", source.name, " ".join(command), done.stderr[-2000:])
+                return False
+        os.replace(lib, target)
         return True
     except (OSError, subprocess.SubprocessError) as exc:  # an unwritable cache, a compiler that hangs
         logger.info("native kernel %s: build failed: %s", source.name, exc)
         return False
     finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in temporaries:
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 @functools.lru_cache(maxsize=None)
@@ -98,7 +109,7 @@ def load_native_library(source_name: str) -> ctypes.CDLL | None:
         return None
     identity = [source.read_bytes(), _compiler_version(compiler).encode(), _cpu_features().encode(), platform.machine().encode()]
     for flags in _FLAG_SETS:
-        digest = hashlib.sha256(b"\0".join([*identity, " ".join(flags).encode()])).hexdigest()[:16]
+        digest = hashlib.sha256(b"\0".join([*identity, " ".join(flags + _LINK_FLAGS).encode()])).hexdigest()[:16]
         target = cache_root() / "native" / f"{source.stem}-{digest}.so"
         if not target.is_file() and not _build(compiler, source, flags, target):
             continue

@@ -80,7 +80,7 @@ static void attend_one(const float *q, const float *k_cache, const float *v_cach
         }
     }
     for (int64_t g = 0; g < nq; ++g) {
-        const float inv = 1.0f / run_sum[g];
+        const float inv = run_sum[g] > 0.0f ? 1.0f / run_sum[g] : 0.0f; /* no keys (seq_len 0): 0, as the reference */
         for (int64_t d = 0; d < head_dim; ++d) out[g * head_dim + d] = acc[g * head_dim + d] * inv;
     }
 }

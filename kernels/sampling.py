@@ -41,7 +41,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rayinfer.kernels.dispatch import dispatched
 from rayinfer.kernels.triton_compat import HAS_TRITON, tl, triton
 
 libdevice = None
@@ -88,9 +87,14 @@ def counter_uniforms(seeds: Tensor, positions: Tensor, num_tokens: int) -> Tenso
     Integer hashing is exact on every device, and the top 23 bits become (2h+1) / 2**24, which float32
     holds exactly, so CPU and CUDA see the same numbers.
     """
+    token_ids = torch.arange(num_tokens, dtype=torch.int64, device=seeds.device)
+    return uniforms_at(seeds, positions, token_ids[None, :])
+
+
+def uniforms_at(seeds: Tensor, positions: Tensor, token_ids: Tensor) -> Tensor:
+    """`counter_uniforms` at the given token ids only: [B] seeds and positions, [B or 1, N] ids -> [B, N]."""
     key = mix64(mix64(seeds) + (positions + 1) * _GAMMA_POSITION)
-    counters = torch.arange(1, num_tokens + 1, dtype=torch.int64, device=seeds.device) * _GAMMA
-    bits = mix64(key[:, None] + counters[None, :])
+    bits = mix64(key[:, None] + (token_ids + 1) * _GAMMA)
     return (_shr(bits, 41) * 2 + 1).to(torch.float32) * (2.0**-24)
 
 
@@ -463,14 +467,13 @@ def sample_filtered_triton(
     return out
 
 
-sample_filtered = dispatched(sample_filtered_reference, sample_filtered_triton)
 
 __all__ = [
     "counter_uniforms",
     "counter_uniforms_triton",
     "mix64",
-    "sample_filtered",
     "sample_filtered_reference",
     "sample_filtered_triton",
     "top_k_top_p_reference",
+    "uniforms_at",
 ]

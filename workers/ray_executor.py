@@ -139,7 +139,6 @@ class RayExecutor(Executor):
             logger.warning("Ray compiled graph unavailable (%s); steps use plain actor calls", exc)
             return None
 
-
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.result(self.submit(plan))
 

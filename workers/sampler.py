@@ -19,7 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from rayinfer.kernels.sampling import _signed64, counter_uniforms, mix64, sample_filtered, top_k_top_p_reference
+from rayinfer.kernels import sample_filtered
+from rayinfer.kernels.sampling import _signed64, counter_uniforms, mix64, top_k_top_p_reference
 from rayinfer.scheduler.step_plan import SampleRequest
 
 @dataclass

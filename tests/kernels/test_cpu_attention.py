@@ -146,3 +146,24 @@ def test_an_unwritable_cache_falls_back(monkeypatch, fresh_native_library, tmp_p
     blocker.write_text("")
     monkeypatch.setenv("RAYINFER_CACHE_DIR", str(blocker))  # native/ cannot be made under a file
     assert load_native_library("paged_decode_cpu.c") is None
+
+
+def test_loading_the_library_keeps_denormals(fresh_native_library) -> None:
+    """A library linked with -ffast-math would switch the loading thread to flush denormals to zero (gcc's
+    crtfastmath), changing every later op of the process; the build keeps that flag to the compile step."""
+    if not any(shutil.which(name) for name in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler on this machine")
+    assert load_native_library("paged_decode_cpu.c") is not None
+    assert 1e-310 * 1.0 != 0.0
+    assert bool((torch.full((1024,), 1e-39) * 1.0 != 0).all())
+
+
+def test_a_decode_row_without_keys_gives_zeros() -> None:
+    if not native_decode_available():
+        pytest.skip("native kernel unavailable (no compiler)")
+    q, k_cache, v_cache, tables, starts, lens = _decode_step(3, 4, 2, 32, 8, seed=13)
+    lens[1] = 0
+    expected = paged_attention_reference(q, k_cache, v_cache, tables, starts, lens, 0.2)
+    got = paged_attention_cpu(q, k_cache, v_cache, tables, starts, lens, 0.2)
+    assert torch.equal(got[1], torch.zeros_like(got[1])) and torch.equal(got[1], expected[1])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""The Triton filtered sampler (forced; the interpreter runs it on CPU) against its torch reference.
+"""The filtered samplers against their torch reference: the Triton kernel (forced; the interpreter runs it on
+CPU) and the CPU candidate-list path.
 
 Every case draws fresh random logits and settings. Rows are compared token for token except where a filter
 boundary is within float rounding of the cut (a float64 check finds those rows: the strict and the loose
@@ -28,6 +29,8 @@ from rayinfer.kernels.sampling import (  # noqa: E402
     sample_filtered_reference,
     sample_filtered_triton,
 )
+from rayinfer.kernels import sampling_cpu  # noqa: E402
+from rayinfer.kernels.sampling_cpu import sample_filtered_cpu  # noqa: E402
 from rayinfer.kernels.triton_compat import HAS_TRITON  # noqa: E402
 
 pytestmark = [
@@ -37,6 +40,8 @@ pytestmark = [
 ]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+IMPLEMENTATIONS = {"triton": sample_filtered_triton, "cpu": sample_filtered_cpu}
+each_implementation = pytest.mark.parametrize("impl", sorted(IMPLEMENTATIONS))
 
 
 @dataclasses.dataclass
@@ -138,9 +143,9 @@ def _kept_sets(b: Batch, p_tol: float = 2e-5, z_tol: float = 1e-5) -> tuple[torc
     return strict, loose, near_tie.bool()
 
 
-def _check_against_reference(b: Batch, max_ambiguous: int = 1) -> torch.Tensor:
+def _check_against_reference(b: Batch, max_ambiguous: int = 1, impl: str = "triton") -> torch.Tensor:
     expected = sample_filtered_reference(*b.args())
-    got = sample_filtered_triton(*b.args())
+    got = IMPLEMENTATIONS[impl](*b.args())
     assert got.dtype == torch.int64 and got.shape == expected.shape
     strict, loose, near_tie = _kept_sets(b)
     got_cpu, expected_cpu = got.cpu(), expected.cpu()
@@ -180,26 +185,30 @@ CASES = {
 
 @pytest.mark.parametrize("vocab", [257, 1000])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(case: str, vocab: int) -> None:
+@each_implementation
+def test_matches_reference(case: str, vocab: int, impl: str) -> None:
     rng = random.Random(f"{case}-{vocab}")
-    _check_against_reference(_random_batch(rng, 8, vocab, **CASES[case]))
+    _check_against_reference(_random_batch(rng, 8, vocab, **CASES[case]), impl=impl)
 
 
-def test_matches_reference_on_flat_and_peaked_rows() -> None:
+@each_implementation
+def test_matches_reference_on_flat_and_peaked_rows(impl: str) -> None:
     rng = random.Random(5)
     for scale in (0.5, 8.0):
-        _check_against_reference(_random_batch(rng, 6, 300, top_k=True, top_p=True, min_p=True, scale=scale))
+        _check_against_reference(_random_batch(rng, 6, 300, top_k=True, top_p=True, min_p=True, scale=scale), impl=impl)
 
 
 @pytest.mark.parametrize("step", [0.0625, 0.5])
-def test_equal_logits_rank_by_token_id(step: float) -> None:
+@each_implementation
+def test_equal_logits_rank_by_token_id(step: float, impl: str) -> None:
     """Logits rounded to a grid (as bf16 ones are) tie at the top-k and top-p cuts: both implementations keep
     the lowest token ids of a tied group, as a stable sort ranks them."""
     rng = random.Random(f"ties-{step}")
-    _check_against_reference(_random_batch(rng, 8, 300, top_k=True, top_p=True, min_p=True, scale=1.5, step=step))
+    _check_against_reference(_random_batch(rng, 8, 300, top_k=True, top_p=True, min_p=True, scale=1.5, step=step), impl=impl)
 
 
-def test_flat_row_keeps_the_first_ids() -> None:
+@each_implementation
+def test_flat_row_keeps_the_first_ids(impl: str) -> None:
     """All logits equal: top-k 5 keeps ids 0-4; top-p keeps the ids whose mass before them (id / kept) is < p."""
     vocab, n = 300, 24
     flat = torch.zeros(n, vocab)
@@ -212,12 +221,13 @@ def test_flat_row_keeps_the_first_ids() -> None:
         (torch.full((n,), 20), torch.full((n,), 0.52), set(range(11))),  # 10/20 < 0.52 <= 11/20
     ):
         b = dataclasses.replace(base, top_ks=top_ks, top_ps=top_ps)
-        got = sample_filtered_triton(*b.args())
+        got = IMPLEMENTATIONS[impl](*b.args())
         assert torch.equal(got, sample_filtered_reference(*b.args()))
         assert set(got.tolist()) <= allowed and len(set(got.tolist())) > 3
 
 
-def test_tied_groups_spanning_tiles() -> None:
+@each_implementation
+def test_tied_groups_spanning_tiles(impl: str) -> None:
     """A tied group cut by top-k or top-p and spread over several kernel tiles (vocab 5000 > the 2048 tile): the
     draw pass ranks the group's members across tiles, in token order."""
     vocab = 5000
@@ -238,12 +248,13 @@ def test_tied_groups_spanning_tiles() -> None:
         torch.arange(3 * seeds_per_row, dtype=torch.int64) * 7_777_777,
         torch.zeros(3 * seeds_per_row, dtype=torch.int64),
     )
-    _check_against_reference(b, max_ambiguous=0)
+    _check_against_reference(b, max_ambiguous=0, impl=impl)
     strict, _, _ = _kept_sets(b)
     assert strict.sum(dim=-1)[[0, seeds_per_row]].tolist() == [3000, 10 + 2459]
 
 
-def test_edge_settings() -> None:
+@each_implementation
+def test_edge_settings(impl: str) -> None:
     """k = 1 and tiny p give the argmax of the logits; k >= vocab, p = 1 and min_p = 0 change nothing."""
     rng = random.Random(7)
     vocab = 257
@@ -253,7 +264,7 @@ def test_edge_settings() -> None:
     one = torch.ones(batch, dtype=torch.int64)
     for k, p in ((one, None), (None, torch.full((batch,), 1e-7))):
         narrow = dataclasses.replace(b, top_ks=k, top_ps=p, min_ps=None)
-        assert torch.equal(_check_against_reference(narrow), argmax)
+        assert torch.equal(_check_against_reference(narrow, impl=impl), argmax)
     off = dataclasses.replace(
         b,
         top_ks=torch.tensor([vocab, vocab + 1, vocab * 4, vocab, vocab, 2**40]),
@@ -261,11 +272,12 @@ def test_edge_settings() -> None:
         min_ps=torch.zeros(batch),
     )
     unfiltered = dataclasses.replace(b, top_ks=None, top_ps=None, min_ps=None)
-    assert torch.equal(sample_filtered_triton(*off.args()), sample_filtered_reference(*unfiltered.args()))
-    assert torch.equal(sample_filtered_triton(*off.args()), sample_filtered_triton(*unfiltered.args()))
+    assert torch.equal(IMPLEMENTATIONS[impl](*off.args()), sample_filtered_reference(*unfiltered.args()))
+    assert torch.equal(IMPLEMENTATIONS[impl](*off.args()), IMPLEMENTATIONS[impl](*unfiltered.args()))
 
 
-def test_banned_tokens_and_low_precision_input() -> None:
+@each_implementation
+def test_banned_tokens_and_low_precision_input(impl: str) -> None:
     """-inf logits (banned ids) are never drawn, even when top-k reaches into them; bf16 input is upcast."""
     rng = random.Random(9)
     b = _random_batch(rng, 6, 300, top_k=True, top_p=True, min_p=True)
@@ -273,13 +285,14 @@ def test_banned_tokens_and_low_precision_input() -> None:
     banned[:, 0] = False
     b.logits[banned] = float("-inf")
     b.top_ks[:2] = torch.tensor([200, 299])  # more than the finite tokens
-    got = _check_against_reference(b)
+    got = _check_against_reference(b, impl=impl)
     assert not banned.gather(1, got[:, None]).any()
     half = dataclasses.replace(b, logits=b.logits.to(torch.bfloat16))
-    _check_against_reference(half)
+    _check_against_reference(half, impl=impl)
 
 
-def test_filtered_tokens_never_drawn_across_seeds() -> None:
+@each_implementation
+def test_filtered_tokens_never_drawn_across_seeds(impl: str) -> None:
     """One row's logits under many seeds: every draw stays inside the kept set, and draws really vary."""
     torch.manual_seed(3)
     vocab, n = 300, 64
@@ -293,26 +306,27 @@ def test_filtered_tokens_never_drawn_across_seeds() -> None:
         torch.arange(n, dtype=torch.int64) * 7919,
         torch.zeros(n, dtype=torch.int64),
     )
-    got = _check_against_reference(b, max_ambiguous=0)
+    got = _check_against_reference(b, max_ambiguous=0, impl=impl)
     strict, _, _ = _kept_sets(b)
     assert set(got.tolist()) <= set(torch.nonzero(strict[0]).flatten().tolist())
     assert len(set(got.tolist())) >= 3  # really sampling, not collapsing to the argmax
 
 
-def test_row_does_not_depend_on_the_batch() -> None:
+@each_implementation
+def test_row_does_not_depend_on_the_batch(impl: str) -> None:
     rng = random.Random(13)
     b = _random_batch(rng, 7, 257, top_k=True, top_p=True, min_p=True)
-    together = sample_filtered_triton(*b.args())
-    alone = torch.cat([sample_filtered_triton(*b.row(i).args()) for i in range(7)])
+    together = IMPLEMENTATIONS[impl](*b.args())
+    alone = torch.cat([IMPLEMENTATIONS[impl](*b.row(i).args()) for i in range(7)])
     assert torch.equal(together, alone)
     perm = torch.randperm(7, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(sample_filtered_triton(*b.permuted(perm).args()), together[perm])
+    assert torch.equal(IMPLEMENTATIONS[impl](*b.permuted(perm).args()), together[perm])
     # A row with its filters off gives the same token whether the batch enables those filters or not.
     off = dataclasses.replace(
         b, top_ks=torch.full((7,), 257, dtype=torch.int64), top_ps=torch.ones(7), min_ps=torch.zeros(7)
     )
     unfiltered = dataclasses.replace(b, top_ks=None, top_ps=None, min_ps=None)
-    assert torch.equal(sample_filtered_triton(*off.row(0).args()), sample_filtered_triton(*unfiltered.row(0).args()))
+    assert torch.equal(IMPLEMENTATIONS[impl](*off.row(0).args()), IMPLEMENTATIONS[impl](*unfiltered.row(0).args()))
 
 
 def test_sampler_takes_the_triton_path_when_forced(monkeypatch) -> None:
@@ -338,6 +352,46 @@ def test_sampler_takes_the_triton_path_when_forced(monkeypatch) -> None:
     monkeypatch.setenv("RAYINFER_KERNEL_BACKEND", "triton")
     on_triton = Sampler()(logits, t)
     assert torch.equal(on_triton, on_torch)
+
+
+def _peaked_batch(vocab: int, rows: int, seed: int) -> Batch:
+    """Language-model-like rows: a few likely tokens, so top-p stops within a short candidate list."""
+    rng = random.Random(seed)
+    b = _random_batch(rng, rows, vocab, top_k=True, top_p=True, min_p=True, scale=6.0)
+    b.top_ks = torch.tensor([rng.choice([5, 50, 100, vocab]) for _ in range(rows)])
+    b.top_ps = torch.tensor([rng.choice([0.5, 0.9, 0.95]) for _ in range(rows)])
+    return b
+
+
+def test_cpu_path_draws_from_candidates_without_the_sort(monkeypatch) -> None:
+    """Peaked rows (and greedy rows with their filters off) never reach the reference's full sort."""
+    b = _peaked_batch(5000, 16, seed=21)
+    b.temperatures[:3] = 0.0  # greedy rows: their filters are off, and the caller discards their draws
+    b.top_ks[:3], b.top_ps[:3] = 5000, 1.0
+    expected = sample_filtered_reference(*b.args())
+
+    def refuse(*args):
+        raise AssertionError("fell back to the full sort")
+
+    monkeypatch.setattr(sampling_cpu, "sample_filtered_reference", refuse)
+    got = sample_filtered_cpu(*b.args())
+    strict, loose, near_tie = _kept_sets(b)
+    clear = ~((strict != loose).any(dim=-1) | near_tie)
+    sampled = b.temperatures > 0
+    assert torch.equal(got[clear & sampled], expected[clear & sampled])
+    assert loose[sampled].gather(1, got[sampled, None]).all()
+
+
+def test_cpu_path_falls_back_when_the_filters_reach_past_the_candidates(monkeypatch) -> None:
+    """Flat rows: top-p 0.95 keeps thousands of tokens, more than any candidate list; the reference decides."""
+    rng = random.Random(23)
+    b = _random_batch(rng, 4, 5000, top_k=False, top_p=True, min_p=False, scale=0.1)
+    b.top_ps = torch.full((4,), 0.95)
+    calls = []
+    real = sampling_cpu.sample_filtered_reference
+    monkeypatch.setattr(sampling_cpu, "sample_filtered_reference", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(sample_filtered_cpu(*b.args()), real(*b.args()))
+    assert calls == [1]
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
-"""Timing on a CUDA device for the benchmark scripts beside this file."""
+"""Timing for the benchmark scripts beside this file: CUDA events on a GPU, the wall clock on a CPU."""
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -20,4 +21,16 @@ def cuda_time_ms(fn: Callable[[], object], warmup: int = 10, iters: int = 40) ->
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def cpu_time_ms(fn: Callable[[], object], warmup: int = 2, iters: int = 7) -> float:
+    """Median wall-clock time of `fn` on the CPU, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)

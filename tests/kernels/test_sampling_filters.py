@@ -358,13 +358,13 @@ def _peaked_batch(vocab: int, rows: int, seed: int) -> Batch:
     """Language-model-like rows: a few likely tokens, so top-p stops within a short candidate list."""
     rng = random.Random(seed)
     b = _random_batch(rng, rows, vocab, top_k=True, top_p=True, min_p=True, scale=6.0)
-    b.top_ks = torch.tensor([rng.choice([5, 50, 100, vocab]) for _ in range(rows)])
+    b.top_ks = torch.tensor([rng.choice([5, 50, 100, 1000]) for _ in range(rows)])
     b.top_ps = torch.tensor([rng.choice([0.5, 0.9, 0.95]) for _ in range(rows)])
     return b
 
 
 def test_cpu_path_draws_from_candidates_without_the_sort(monkeypatch) -> None:
-    """Peaked rows (and greedy rows with their filters off) never reach the reference's full sort."""
+    """Rows with top-k (within 2048), and greedy rows with their filters off, never reach the reference's sort."""
     b = _peaked_batch(5000, 16, seed=21)
     b.temperatures[:3] = 0.0  # greedy rows: their filters are off, and the caller discards their draws
     b.top_ks[:3], b.top_ps[:3] = 5000, 1.0
@@ -382,16 +382,22 @@ def test_cpu_path_draws_from_candidates_without_the_sort(monkeypatch) -> None:
     assert loose[sampled].gather(1, got[sampled, None]).all()
 
 
-def test_cpu_path_falls_back_when_the_filters_reach_past_the_candidates(monkeypatch) -> None:
-    """Flat rows: top-p 0.95 keeps thousands of tokens, more than any candidate list; the reference decides."""
+def test_cpu_path_leaves_unbounded_rows_to_the_reference(monkeypatch) -> None:
+    """Rows with top-k off or longer than any list, or tied at the cut, are drawn by the reference, alone."""
     rng = random.Random(23)
-    b = _random_batch(rng, 4, 5000, top_k=False, top_p=True, min_p=False, scale=0.1)
-    b.top_ps = torch.full((4,), 0.95)
-    calls = []
+    b = _random_batch(rng, 6, 5000, top_k=True, top_p=True, min_p=False, scale=3.0)
+    b.temperatures[:] = 0.9
+    b.top_ks = torch.tensor([5000, 4000, 40, 2048, 7, 129])
+    b.logits[5, :200] = b.logits[5].max() + 1.0  # 200 equal best logits: the 128-list cut falls inside them
+    expected = sample_filtered_reference(*b.args())
+    referred = []
     real = sampling_cpu.sample_filtered_reference
-    monkeypatch.setattr(sampling_cpu, "sample_filtered_reference", lambda *a: calls.append(1) or real(*a))
-    assert torch.equal(sample_filtered_cpu(*b.args()), real(*b.args()))
-    assert calls == [1]
+    monkeypatch.setattr(sampling_cpu, "sample_filtered_reference", lambda *a: referred.append(a[0].shape[0]) or real(*a))
+    got = sample_filtered_cpu(*b.args())
+    assert referred == [2]  # rows 0 and 1; row 5 settles in the 2048 list
+    strict, loose, near_tie = _kept_sets(b)
+    clear = ~((strict != loose).any(dim=-1) | near_tie)
+    assert torch.equal(got[clear], expected[clear]) and loose.gather(1, got[:, None]).all()
 
 
 @pytest.mark.gpu

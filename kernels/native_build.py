@@ -47,7 +47,7 @@ def _cpu_features() -> str:
             for line in info:
                 if line.startswith(("flags", "Features")):
                     return line
-    except OSError:
+    except OSError:  # no /proc (not Linux): the processor's name is the best identity left
         pass
     return platform.processor()
 

@@ -1,7 +1,6 @@
 """The engine loop: admit requests, schedule a step, run it on the executor, turn tokens into outputs."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import random
@@ -12,15 +11,15 @@ from typing import Any
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.block_manager import BlockManager, blocks_for
 from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
-from rayinfer.scheduler.executor_interface import Executor, WorkerGroupFailure
+from rayinfer.workers.executor_interface import Executor, WorkerGroupFailure
 from rayinfer.scheduler.output_processor import OutputProcessor
 from rayinfer.scheduler.logprob_recorder import LogprobRecorder
 from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from rayinfer.scheduler.sequence import Request, Sequence
-from rayinfer.scheduler.step_output import StepOutput
-from rayinfer.scheduler.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
+from rayinfer.workers.step_output import StepOutput
+from rayinfer.workers.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +29,6 @@ _SEED_MASK = (1 << 63) - 1
 def _sequence_seed(request_seed: int, index: int) -> int:
     """Sequence 0 keeps the request's seed (so n=1 and the first of n agree); the others get distinct streams."""
     return request_seed if index == 0 else (request_seed * 0x9E3779B1 + index * 0x85EBCA77) & _SEED_MASK
-
-
-def _worker_params(params: SamplingParams) -> SamplingParams:
-    """The params the sampling worker gets: a best_of request needs every drawn token's logprob (to rank its
-    sequences by cumulative logprob) even when the user asked for none, so it asks for logprobs=0 internally.
-    What the user sees is still decided by `params` (see `Engine._request_output`)."""
-    if params.num_sequences > params.n and params.logprobs is None:
-        return dataclasses.replace(params, logprobs=0)
-    return params
 
 
 class Engine:
@@ -135,7 +125,6 @@ class Engine:
             max_tokens=max_tokens,
             stop_token_ids=eos | frozenset(params.stop_token_ids),
             eos_token_ids=eos,
-            sample_params=_worker_params(params),
         )
         request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         for index in range(params.num_sequences):
@@ -344,7 +333,7 @@ class Engine:
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         request = seq.request
         return SampleRequest(
-            params=request.sample_params or request.params,
+            params=request.sampling_options,
             seed=seq.seed,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(seq.output_token_ids),  # the sampling worker extends its own copy

@@ -7,8 +7,8 @@ from typing import Any
 from rayinfer.scheduler.outputs import Logprob, PositionLogprobs
 from rayinfer.scheduler.scheduler import SchedulerOutput
 from rayinfer.scheduler.sequence import Request, Sequence
-from rayinfer.scheduler.step_output import TopLogprobs
-from rayinfer.scheduler.step_plan import StepPlan
+from rayinfer.workers.step_output import TopLogprobs
+from rayinfer.workers.step_plan import StepPlan
 
 
 class LogprobRecorder:

@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from rayinfer.workers.sampling_options import SamplingOptions
+
 # Temperatures below this are treated as greedy decoding (argmax).
 GREEDY_TEMPERATURE_EPS = 1e-5
 # logit_bias values are clamped to [-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT], the range OpenAI's API documents.
@@ -186,6 +188,29 @@ class SamplingParams:
         if self.allowed_token_ids:
             named["allowed_token_ids"] = self.allowed_token_ids
         return named
+
+    def sampling_options(self) -> SamplingOptions:
+        """What the sampling worker needs of these params. A best_of request needs every drawn token's logprob (to
+        rank its sequences by cumulative logprob) even when the user asked for none, so it asks for 0 internally;
+        what the user sees is still decided by these params."""
+        logprobs = self.logprobs
+        if logprobs is None and self.num_sequences > self.n:
+            logprobs = 0
+        greedy = self.is_greedy  # argmax: the draw's filters would change nothing, so they are left off
+        return SamplingOptions(
+            temperature=0.0 if greedy else self.temperature,
+            top_k=0 if greedy else self.top_k,
+            top_p=1.0 if greedy else self.top_p,
+            min_p=0.0 if greedy else self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens,
+            logit_bias=self.logit_bias,
+            allowed_token_ids=self.allowed_token_ids,
+            logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+        )
 
     @property
     def num_sequences(self) -> int:

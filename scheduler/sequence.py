@@ -6,14 +6,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rayinfer.scheduler.sampling_params import SamplingParams
+from rayinfer.workers.sampling_options import SamplingOptions
+from rayinfer.workers.step_plan import PENDING_TOKEN
 
 if TYPE_CHECKING:
     from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
     from rayinfer.scheduler.outputs import PositionLogprobs
 
-
-# Stands in a step's input for a token drawn by the previous step, still in flight when the step was planned.
-PENDING_TOKEN = -1
 
 
 class SequenceStatus(enum.Enum):
@@ -89,9 +88,6 @@ class Request:
     max_tokens: int  # resolved: params.max_tokens or what fits in max_model_len
     stop_token_ids: frozenset[int]  # EOS ids (unless ignore_eos) and params.stop_token_ids
     eos_token_ids: frozenset[int]
-    # What the sampling worker gets when it differs from `params` (a best_of request asks for logprobs=0
-    # internally to rank its sequences); None: `params` itself.
-    sample_params: SamplingParams | None = None
     seqs: list[Sequence] = field(default_factory=list)  # params.num_sequences of them
     # Sequences 1..n-1 until sequence 0 has computed all of the prompt but its last token; then they fork from
     # it, sharing its blocks, so the prompt is computed and stored once.
@@ -102,6 +98,10 @@ class Request:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_prompt_logprobs: int = 0
     prompt_logprobs_asked: int = 0
+
+    def __post_init__(self) -> None:
+        # What the sampling worker gets: `params` lowered once, when the request is made.
+        self.sampling_options: SamplingOptions = self.params.sampling_options()
 
     @property
     def is_finished(self) -> bool:

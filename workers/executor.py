@@ -4,9 +4,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rayinfer.configs import EngineConfig
-from rayinfer.scheduler.executor_interface import Executor
-from rayinfer.scheduler.step_output import StepOutput
-from rayinfer.scheduler.step_plan import StepPlan
+from rayinfer.workers.executor_interface import Executor
+from rayinfer.workers.step_output import StepOutput
+from rayinfer.workers.step_plan import StepPlan
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.worker import Worker
 

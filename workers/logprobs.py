@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from rayinfer.scheduler.step_output import TopLogprobs
+from rayinfer.workers.step_output import TopLogprobs
 
 
 def top_logprobs(logits: Tensor, scored_ids: Tensor, nums: Sequence[int]) -> list[TopLogprobs]:

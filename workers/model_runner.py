@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from rayinfer.scheduler.step_output import StepOutput, TopLogprobs
-from rayinfer.scheduler.step_plan import StepPlan
+from rayinfer.workers.step_output import StepOutput, TopLogprobs
+from rayinfer.workers.step_plan import StepPlan
 from rayinfer.workers.cuda_graphs import DecodeGraphs
 from rayinfer.workers.kv_pool import KVPool
 from rayinfer.workers.layers.attention import AttentionMetadata, PagedAttention

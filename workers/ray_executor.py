@@ -17,9 +17,9 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayinfer.configs import EngineConfig
-from rayinfer.scheduler.executor_interface import Executor, WorkerGroupFailure
-from rayinfer.scheduler.step_output import StepOutput
-from rayinfer.scheduler.step_plan import StepPlan
+from rayinfer.workers.executor_interface import Executor, WorkerGroupFailure
+from rayinfer.workers.step_output import StepOutput
+from rayinfer.workers.step_plan import StepPlan
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.worker import Worker
 

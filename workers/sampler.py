@@ -21,7 +21,7 @@ from torch import Tensor
 
 from rayinfer.kernels import sample_filtered
 from rayinfer.kernels.sampling import _signed64, counter_uniforms, mix64, top_k_top_p_reference
-from rayinfer.scheduler.step_plan import SampleRequest
+from rayinfer.workers.step_plan import SampleRequest
 
 @dataclass
 class SamplingTensors:

@@ -2,61 +2,21 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
+from rayinfer.workers.checkpoint import CheckpointTensor, iter_checkpoint_tensors
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models import model_class_for
 
 logger = logging.getLogger(__name__)
 
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def checkpoint_files(model_dir: str | Path) -> list[Path]:
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"model: no *.safetensors weights in {model_dir}")
-    return files
-
-
-class CheckpointTensor:
-    """A tensor in a safetensors file, read only as far as a loader asks: a rank reads its shard, not the whole."""
-
-    def __init__(self, name: str, file_slice: object) -> None:
-        self.name = name
-        self._slice = file_slice
-        self.shape = tuple(file_slice.get_shape())
-        self.num_elements_read = 0
-
-    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
-        index = (slice(None),) * dim + (slice(start, start + length),)
-        part = self._slice[index]
-        self.num_elements_read += part.numel()
-        return part
-
-    def full(self) -> torch.Tensor:
-        return self.narrow(0, 0, self.shape[0])
-
-
-def iter_checkpoint_tensors(model_dir: str | Path) -> Iterator[tuple[str, CheckpointTensor]]:
-    """Every tensor of the checkpoint, unread: its loader reads what it needs while the file is open."""
-    for path in checkpoint_files(model_dir):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, CheckpointTensor(name, f.get_slice(name))
 
 
 def _default_loader(param: nn.Parameter, loaded: CheckpointTensor, shard_id: object = None) -> None:

@@ -13,10 +13,9 @@ import torch
 import torch.distributed as dist
 
 from rayinfer.configs import EngineConfig
-from rayinfer.scheduler.sampling_params import SamplingParams
-from rayinfer.scheduler.sequence import PENDING_TOKEN
-from rayinfer.scheduler.step_output import StepOutput
-from rayinfer.scheduler.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
+from rayinfer.workers.step_output import StepOutput
+from rayinfer.workers.sampling_options import SamplingOptions
+from rayinfer.workers.step_plan import PENDING_TOKEN, NewSequence, SampleRequest, SequenceChunk, StepPlan
 from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.cuda_graphs import DecodeGraphs
@@ -158,7 +157,10 @@ class Worker:
         self.init_cache(sum(blocks_per_seq))
         plan, next_block = StepPlan(chunks=[]), 0
         for seq_id, (length, num_blocks) in enumerate(zip(lengths, blocks_per_seq)):
-            sampling = SampleRequest(SamplingParams(), seed=0, prompt_token_ids=[], output_token_ids=[], stop_ids_for_min_tokens=[])
+            # A sampled (temperature 1) row, as SamplingParams' defaults ask, so the draw's memory is counted too.
+            sampling = SampleRequest(
+                SamplingOptions(temperature=1.0), seed=0, prompt_token_ids=[], output_token_ids=[], stop_ids_for_min_tokens=[]
+            )
             plan.new_sequences.append(NewSequence(seq_id, length, sampling))
             blocks = list(range(next_block, next_block + num_blocks))
             plan.chunks.append(SequenceChunk(seq_id, [0] * length, 0, blocks, reset_blocks=True, sample=True))

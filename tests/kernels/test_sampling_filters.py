@@ -331,7 +331,7 @@ def test_row_does_not_depend_on_the_batch(impl: str) -> None:
 
 def test_sampler_takes_the_triton_path_when_forced(monkeypatch) -> None:
     from rayinfer.scheduler import SamplingParams
-    from rayinfer.scheduler.step_plan import SampleRequest
+    from rayinfer.workers.step_plan import SampleRequest
     from rayinfer.workers.sampler import Sampler, SamplingTensors
 
     rng = random.Random(17)
@@ -344,7 +344,7 @@ def test_sampler_takes_the_triton_path_when_forced(monkeypatch) -> None:
         SamplingParams(min_p=0.1, temperature=1.5),
         SamplingParams(top_k=20, top_p=0.9, min_p=0.02),
     ]
-    rows = [SampleRequest(choices[i % len(choices)], rng.randrange(2**63), [1], [2], []) for i in range(8)]
+    rows = [SampleRequest(choices[i % len(choices)].sampling_options(), rng.randrange(2**63), [1], [2], []) for i in range(8)]
     logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(4)) * 3
     t = SamplingTensors.build(rows, vocab, "cpu")
     monkeypatch.setenv("RAYINFER_KERNEL_BACKEND", "torch")

@@ -24,8 +24,8 @@ from rayinfer.scheduler.block_manager import blocks_for
 from rayinfer.scheduler.engine import Engine
 from rayinfer.scheduler.outputs import RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
-from rayinfer.scheduler.step_plan import StepPlan
-from rayinfer.scheduler.executor_interface import Executor
+from rayinfer.workers.step_plan import StepPlan
+from rayinfer.workers.executor_interface import Executor
 from rayinfer.scheduler.sequence import PENDING_TOKEN
 from rayinfer.workers.worker import SequenceStates
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rayinfer.scheduler import SamplingParams
-from rayinfer.scheduler.step_plan import SampleRequest
+from rayinfer.workers.step_plan import SampleRequest
 from rayinfer.workers.sampler import (
     Sampler,
     SamplingTensors,
@@ -23,7 +23,7 @@ M64 = (1 << 64) - 1
 
 
 def _row(params: SamplingParams, seed: int = 0, prompt=(), output=(), stop_ids=()) -> SampleRequest:
-    return SampleRequest(params, seed, list(prompt), list(output), list(stop_ids))
+    return SampleRequest(params.sampling_options(), seed, list(prompt), list(output), list(stop_ids))
 
 
 def _sample(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from rayinfer.workers import weight_loader
+from rayinfer.workers.checkpoint import checkpoint_files
 from rayinfer.workers.model_config import load_model_spec
 from rayinfer.workers.parallel_state import set_tensor_parallel_group
 
@@ -33,7 +34,7 @@ def test_a_rank_reads_only_its_shard(tiny_checkpoint, rank_one_of_two, monkeypat
     monkeypatch.setattr(weight_loader, "iter_checkpoint_tensors", recording)
     model = weight_loader.build_model(spec, model_dir, torch.float32, torch.device("cpu"), 64)
     full = {}
-    for path in weight_loader.checkpoint_files(model_dir):
+    for path in checkpoint_files(model_dir):
         full.update(load_file(str(path)))
     read = {t.name: t.num_elements_read for t in seen}
     layer = "model.layers.0"

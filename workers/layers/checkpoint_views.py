@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from rayinfer.workers.weight_loader import CheckpointTensor
+    from rayinfer.workers.checkpoint import CheckpointTensor
 
 
 class TransposedTensor:

@@ -11,7 +11,7 @@ from rayinfer.workers.layers.cpu_matmul import linear
 from rayinfer.workers.parallel_state import tp_group
 
 if TYPE_CHECKING:
-    from rayinfer.workers.weight_loader import CheckpointTensor
+    from rayinfer.workers.checkpoint import CheckpointTensor
 
 
 class VocabParallelEmbedding(nn.Module):

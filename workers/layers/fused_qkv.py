@@ -21,7 +21,7 @@ from torch import nn
 from rayinfer.workers.layers.linear import QKVParallelLinear
 
 if TYPE_CHECKING:
-    from rayinfer.workers.weight_loader import CheckpointTensor
+    from rayinfer.workers.checkpoint import CheckpointTensor
 
 
 @dataclass(frozen=True)

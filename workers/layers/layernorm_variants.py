@@ -12,7 +12,7 @@ from rayinfer import kernels
 from rayinfer.workers.layers.norm import LayerNorm
 
 if TYPE_CHECKING:
-    from rayinfer.workers.weight_loader import CheckpointTensor
+    from rayinfer.workers.checkpoint import CheckpointTensor
 
 
 class BiasFreeLayerNorm(LayerNorm):

@@ -10,7 +10,7 @@ from rayinfer.workers.layers.cpu_matmul import linear
 from rayinfer.workers.parallel_state import tp_group
 
 if TYPE_CHECKING:
-    from rayinfer.workers.weight_loader import CheckpointTensor
+    from rayinfer.workers.checkpoint import CheckpointTensor
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:

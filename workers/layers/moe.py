@@ -16,7 +16,7 @@ from rayinfer import kernels
 from rayinfer.workers.parallel_state import tp_group
 
 if TYPE_CHECKING:
-    from rayinfer.workers.weight_loader import CheckpointTensor
+    from rayinfer.workers.checkpoint import CheckpointTensor
 
 GATE, UP = 0, 1  # the halves of an expert's gate_up weight, as named in shard ids
 

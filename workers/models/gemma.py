@@ -18,7 +18,7 @@ from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 
 if TYPE_CHECKING:
-    from rayinfer.workers.weight_loader import CheckpointTensor
+    from rayinfer.workers.checkpoint import CheckpointTensor
 
 # transformers' activation names -> torch's gelu `approximate`. Gemma's legacy "gelu" means the tanh form
 # (transformers rewrites it so too); "gelu_new" and "gelu_pytorch_tanh" are the same tanh formula.

@@ -1,4 +1,5 @@
-"""What the scheduler sends the workers for one step: only what changed since the last step.
+"""What the scheduler sends the workers for one step: only what changed since the last step. The workers own
+this contract (with `StepOutput` and the `Executor` interface), so they never import the scheduler.
 
 Workers keep, per sequence, its block table and sampling state. A plan introduces new sequences once,
 appends the blocks each sequence gained, names the tokens to run, and lists the sequences the workers may
@@ -8,14 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rayinfer.scheduler.sampling_params import SamplingParams
+from rayinfer.workers.sampling_options import SamplingOptions
+
+# Stands in a step's input for a token drawn by the previous step, still in flight when the step was planned:
+# the workers fill it in from their own draws.
+PENDING_TOKEN = -1
 
 
 @dataclass
 class SampleRequest:
     """A sequence's sampling state on the worker that samples (rank 0); it appends each token it draws."""
 
-    params: SamplingParams
+    params: SamplingOptions
     seed: int
     prompt_token_ids: list[int]
     output_token_ids: list[int]

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
-from rayinfer.scheduler.step_output import StepOutput
-from rayinfer.scheduler.step_plan import StepPlan
+from rayinfer.workers.step_output import StepOutput
+from rayinfer.workers.step_plan import StepPlan
 
 
 class WorkerGroupFailure(RuntimeError):

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.engine import Engine
 from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
-from rayinfer.scheduler.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from rayinfer.scheduler.outputs import CompletionOutput, OutputAssembler, PositionLogprobs, RequestOutput
 from rayinfer.scheduler.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -194,11 +194,13 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(request_ids)
         finished: dict[str, RequestOutput] = {}
+        assembler = OutputAssembler()  # the engine emits deltas; whole outputs are assembled once, here
         bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm)
         try:
             while pending:
-                for output in self.engine.step():
-                    if output.finished and output.request_id in pending:
+                for delta in self.engine.step():
+                    output = assembler.add(delta)
+                    if output is not None and output.request_id in pending:
                         pending.discard(output.request_id)
                         finished[output.request_id] = output
                         bar.update(1)

@@ -1,4 +1,8 @@
-"""The engine loop: admit requests, schedule a step, run it on the executor, turn tokens into outputs."""
+"""The engine loop: admit requests, schedule a step, run it on the executor, turn its tokens into output deltas.
+
+`step()` returns, for each request that advanced, what the step added (see `output_deltas.py`): a front door
+streams these as they are, or assembles whole outputs once (`outputs.OutputAssembler`).
+"""
 from __future__ import annotations
 
 import itertools
@@ -9,17 +13,21 @@ from collections.abc import Callable
 from typing import Any
 
 from rayinfer.configs import EngineConfig
-from rayinfer.scheduler.block_manager import BlockManager, blocks_for
+from rayinfer.scheduler.block_manager import BlockManager
 from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
-from rayinfer.workers.executor_interface import Executor, WorkerGroupFailure
-from rayinfer.scheduler.output_processor import OutputProcessor
 from rayinfer.scheduler.logprob_recorder import LogprobRecorder
-from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
+from rayinfer.scheduler.output_deltas import request_delta
+from rayinfer.scheduler.output_processor import OutputProcessor
+from rayinfer.scheduler.outputs import RequestOutput
+from rayinfer.scheduler.plan_builder import PlanBuilder
+from rayinfer.scheduler.request_checks import RequestLimits
+from rayinfer.scheduler.request_errors import InvalidRequestError
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.scheduler import Scheduler, SchedulerLimits, SchedulerOutput
 from rayinfer.scheduler.sequence import Request, Sequence
+from rayinfer.workers.executor_interface import Executor, WorkerGroupFailure
 from rayinfer.workers.step_output import StepOutput
-from rayinfer.workers.step_plan import NewSequence, SampleRequest, SequenceChunk, StepPlan
+from rayinfer.workers.step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +84,15 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.requests: dict[str, Request] = {}
-        # What the workers hold: block ids sent per live sequence, and sequences they may forget next step.
-        self._sent_blocks: dict[int, int] = {}
-        self._forget: list[int] = []
+        self.limits = RequestLimits(
+            max_model_len=self.max_model_len,
+            vocab_size=self.model_spec.vocab_size,
+            max_logprobs=config.max_logprobs,
+            max_num_seqs=config.max_num_seqs,
+            num_blocks=self.block_manager.num_blocks,
+            block_size=config.block_size,
+        )
+        self.plans = PlanBuilder()  # mirrors what the workers hold
         self.num_aborted_requests = 0
         self._in_flight: tuple[SchedulerOutput, object] | None = None
         self._seed_rng = random.Random(config.seed)
@@ -94,27 +108,19 @@ class Engine:
         params: SamplingParams,
         prompt_token_ids: list[int] | None = None,
     ) -> None:
-        """Validates and queues a request; raises ValueError (naming the field and limit) if it can never run."""
+        """Checks and queues a request; raises InvalidRequestError (naming the field and limit) if it can never
+        run."""
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         if prompt_token_ids is None:
             if prompt is None:
-                raise ValueError("prompt: give a string or prompt_token_ids")
+                raise InvalidRequestError.about("prompt", "give a string or prompt_token_ids")
             if not prompt:
-                raise ValueError("prompt: must not be empty")
+                raise InvalidRequestError.about("prompt", "must not be empty")
             prompt_token_ids = self.tokenizer.encode(prompt)
         prompt_token_ids = list(prompt_token_ids)
-        self._validate_prompt(prompt_token_ids)
-        self._validate_sampling(params)
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n: {params.n} sequences cannot run together with max_num_seqs={self.config.max_num_seqs}")
-        if params.num_sequences > self.config.max_num_seqs:
-            raise ValueError(
-                f"best_of: {params.num_sequences} sequences cannot run together with "
-                f"max_num_seqs={self.config.max_num_seqs}"
-            )
+        self.limits.check(prompt_token_ids, params)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
-        self._validate_fits_pool(len(prompt_token_ids), max_tokens)
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
         request = Request(
             request_id=request_id,
@@ -153,41 +159,6 @@ class Engine:
                 self.scheduler.add(seq)
         self.requests[request_id] = request
 
-    def _validate_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("prompt: must not be empty")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt: {len(token_ids)} tokens is too long; max_model_len is {self.max_model_len} "
-                "and at least one token must be left for the output"
-            )
-        vocab = self.model_spec.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"prompt_token_ids: ids must be in [0, {vocab}) for this model (got {bad[:5]})")
-
-    def _validate_sampling(self, params: SamplingParams) -> None:
-        cap = self.config.max_logprobs
-        for name in ("logprobs", "prompt_logprobs"):
-            requested = getattr(params, name)
-            if requested is not None and cap != -1 and requested > cap:
-                raise ValueError(f"{name}: {requested} requested, but this engine's max_logprobs is {cap}")
-        vocab = self.model_spec.vocab_size
-        for name, token_ids in params.token_ids_to_check().items():
-            bad = [t for t in token_ids if t >= vocab]
-            if bad:
-                raise ValueError(f"{name}: token ids must be in [0, {vocab}) for this model (got {bad[:5]})")
-
-    def _validate_fits_pool(self, prompt_len: int, max_tokens: int) -> None:
-        worst_case = min(prompt_len + max_tokens, self.max_model_len)
-        needed = blocks_for(worst_case, self.config.block_size)
-        if needed > self.block_manager.num_blocks:
-            raise ValueError(
-                f"max_tokens: the request may need {worst_case} tokens of KV cache (prompt {prompt_len} + "
-                f"max_tokens {max_tokens}), but the whole pool holds {self.block_manager.num_blocks} blocks of "
-                f"{self.config.block_size} tokens; lower max_tokens or give the cache more memory"
-            )
-
     def abort_request(self, request_id: str) -> RequestOutput | None:
         request = self.requests.pop(request_id, None)
         if request is None:
@@ -197,9 +168,9 @@ class Engine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self._release(seq)
-        if self._in_flight is None and not self.scheduler.has_work() and self._forget:
+        if self._in_flight is None and not self.scheduler.has_work() and self.plans.has_forgotten:
             self._flush_forgotten()
-        return self._request_output(request)
+        return request_delta(request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self._in_flight is not None
@@ -231,7 +202,7 @@ class Engine:
         outputs = self._process_tokens(plan, result)
         if following is not None and all(s.seq.is_finished for s in following[0].scheduled):
             self._discard_in_flight()  # everything it computes has ended: wait for it now, not next step
-        if self._in_flight is None and not self.scheduler.has_work() and self._forget:
+        if self._in_flight is None and not self.scheduler.has_work() and self.plans.has_forgotten:
             self._flush_forgotten()
         return outputs
 
@@ -250,16 +221,9 @@ class Engine:
             if self.scheduler.has_work() and self._in_flight is None:
                 raise RuntimeError("scheduler made no progress with requests pending; this is a bug")
             return None
-        for seq in plan.preempted:
-            if seq.seq_id in self._sent_blocks:
-                self._sent_blocks[seq.seq_id] = 0  # its blocks are gone: the table starts over
         copies, self.block_manager.copies = self.block_manager.copies, []
-        for copy in copies:
-            if copy.seq.seq_id in self._sent_blocks:
-                self._sent_blocks[copy.seq.seq_id] = 0  # a block mid-table changed: resend the table
-        step_plan = self._step_plan(plan)
+        step_plan = self.plans.build(plan, copies)
         self.logprob_recorder.ask_for_prompt_logprobs(plan, step_plan)
-        step_plan.block_copies = [(copy.src, copy.dst) for copy in copies]
         for scheduled in plan.scheduled:
             scheduled.seq.num_computed_tokens += scheduled.num_new_tokens
             if scheduled.samples:
@@ -293,64 +257,31 @@ class Engine:
             except Exception as exc:  # one request's failure must not take the others down
                 logger.exception("request %s failed while processing its output", request.request_id)
                 self._fail_request(request, f"{type(exc).__name__}: {exc}")
-        outputs = [self._request_output(r) for r in touched.values()]
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+        outputs = []
+        for request in touched.values():
+            delta = request_delta(request)
+            if delta is not None:
+                outputs.append(delta)
+            if request.is_finished:
+                del self.requests[request.request_id]
         return outputs
 
     def _flush_forgotten(self) -> None:
         """With nothing left to run, tells the workers now (not at the next step) to drop ended sequences."""
         try:
-            self.executor.execute(StepPlan(chunks=[], finished_seq_ids=self._forget))
+            self.executor.execute(StepPlan(chunks=[], finished_seq_ids=self.plans.take_forgotten()))
         except WorkerGroupFailure as exc:
             logger.warning("could not tell workers to drop ended sequences (%s); a restart clears them anyway", exc)
-        self._forget = []
-
-    def _step_plan(self, plan: SchedulerOutput) -> StepPlan:
-        step = StepPlan(chunks=[], finished_seq_ids=self._forget)
-        self._forget = []
-        for scheduled in plan.scheduled:
-            seq = scheduled.seq
-            sent = self._sent_blocks.get(seq.seq_id)
-            if sent is None:
-                step.new_sequences.append(NewSequence(seq.seq_id, seq.num_prompt_tokens, self._sample_request(seq)))
-                sent = 0
-            start = seq.num_computed_tokens
-            step.chunks.append(
-                SequenceChunk(
-                    seq_id=seq.seq_id,
-                    token_ids=seq.input_tokens(start, scheduled.num_new_tokens),
-                    start_position=start,
-                    new_blocks=seq.block_table[sent:],
-                    reset_blocks=sent == 0,
-                    sample=scheduled.samples,
-                )
-            )
-            self._sent_blocks[seq.seq_id] = len(seq.block_table)
-        return step
-
-    def _sample_request(self, seq: Sequence) -> SampleRequest:
-        request = seq.request
-        return SampleRequest(
-            params=request.sampling_options,
-            seed=seq.seed,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=list(seq.output_token_ids),  # the sampling worker extends its own copy
-            stop_ids_for_min_tokens=sorted(request.stop_token_ids) if request.params.min_tokens else [],
-        )
 
     def _release(self, seq: Sequence) -> None:
         """Frees a sequence that ended and tells the workers to drop it with the next step."""
         self.scheduler.finish(seq)
-        if self._sent_blocks.pop(seq.seq_id, None) is not None:
-            self._forget.append(seq.seq_id)
+        self.plans.release(seq)
 
     def _recover(self, failure: Exception) -> list[RequestOutput]:
         """Brings up a fresh worker group and recomputes every live sequence from its text, or fails them all."""
         logger.error("worker group failed (%s); replacing it", failure)
-        self._sent_blocks.clear()
-        self._forget = []
+        self.plans.workers_lost()
         for request in self.requests.values():
             request.prompt_logprobs_asked = request.num_prompt_logprobs  # the lost steps' share is asked again
         self.scheduler.preempt_all()
@@ -365,7 +296,7 @@ class Engine:
             outputs = []
             for request in list(self.requests.values()):
                 self._fail_request(request, message)
-                outputs.append(self._request_output(request))
+                outputs.append(request_delta(request))
                 del self.requests[request.request_id]
             return outputs
         return []
@@ -376,35 +307,6 @@ class Engine:
             if not seq.is_finished:
                 seq.finish_reason = "error"
                 self._release(seq)
-
-    def _request_output(self, request: Request) -> RequestOutput:
-        """The request's outputs; a best_of request shows its n sequences of highest cumulative logprob (so far,
-        until it finishes), best first and numbered 0..n-1, as vLLM does."""
-        wants_logprobs = request.params.logprobs is not None
-        seqs = request.seqs
-        if len(seqs) > request.params.n:
-            seqs = sorted(seqs, key=lambda seq: -seq.cumulative_logprob)[: request.params.n]  # stable: ties by index
-        outputs = [
-            CompletionOutput(
-                index=index,
-                text=seq.output_text,
-                token_ids=list(seq.output_token_ids),
-                cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
-                logprobs=list(seq.logprobs or ()) if wants_logprobs else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=seq.stop_reason,
-            )
-            for index, seq in enumerate(seqs)
-        ]
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt=request.prompt,
-            prompt_token_ids=request.prompt_token_ids,
-            outputs=outputs,
-            finished=request.is_finished,
-            error=request.error,
-            prompt_logprobs=self.logprob_recorder.prompt_output(request),
-        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

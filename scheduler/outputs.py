@@ -1,4 +1,10 @@
-"""What a request returns, shaped as vLLM returns it."""
+"""What a request returns, shaped as vLLM returns it.
+
+The engine emits deltas: each `RequestOutput` it returns carries only what a step added (new token ids, text and
+logprobs per completion), the prompt and its ids in the first delta only (None after). A front door that wants
+the whole output assembles it once, with `RequestOutput.add`, as the offline `LLM` and a non-streamed HTTP
+response do.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -36,9 +42,51 @@ class CompletionOutput:
 class RequestOutput:
     request_id: str
     prompt: str | None
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] | None  # None in every delta but a request's first
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     error: str | None = None  # why the request ended early, when it did
     # One entry per prompt token when prompt_logprobs asked (the first None: nothing predicts it).
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+    def add(self, delta: RequestOutput) -> None:
+        """Appends a later delta of the same request to this (assembled) output."""
+        by_index = {completion.index: completion for completion in self.outputs}
+        for piece in delta.outputs:
+            completion = by_index.get(piece.index)
+            if completion is None:
+                completion = by_index[piece.index] = CompletionOutput(piece.index, "", [])
+                self.outputs.append(completion)
+            completion.text += piece.text
+            completion.token_ids.extend(piece.token_ids)
+            if piece.logprobs is not None:
+                if completion.logprobs is None:
+                    completion.logprobs = []
+                completion.logprobs.extend(piece.logprobs)
+            completion.cumulative_logprob = piece.cumulative_logprob
+            completion.finish_reason = piece.finish_reason
+            completion.stop_reason = piece.stop_reason
+        self.outputs.sort(key=lambda completion: completion.index)
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
+        self.finished = delta.finished
+        self.error = delta.error or self.error
+
+
+class OutputAssembler:
+    """Whole outputs from a stream of deltas of many requests: `add` returns a request's output once it ends."""
+
+    def __init__(self) -> None:
+        self._partial: dict[str, RequestOutput] = {}
+
+    def add(self, delta: RequestOutput) -> RequestOutput | None:
+        output = self._partial.get(delta.request_id)
+        if output is None:
+            output = self._partial[delta.request_id] = RequestOutput(
+                delta.request_id, delta.prompt, list(delta.prompt_token_ids or [])
+            )
+        output.add(delta)
+        if not output.finished:
+            return None
+        del self._partial[delta.request_id]
+        return output

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from rayinfer.scheduler.request_errors import InvalidRequestError
 from rayinfer.workers.sampling_options import SamplingOptions
 
 # Temperatures below this are treated as greedy decoding (argmax).
@@ -22,14 +23,19 @@ def _check_int(name: str, value: Any, minimum: int | None = None, allow_none: bo
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer{' or None' if allow_none else ''} (got {value!r})")
+        raise InvalidRequestError(f"{name} must be an integer{' or None' if allow_none else ''} (got {value!r})", name)
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum} (got {value})")
+        raise InvalidRequestError(f"{name} must be >= {minimum} (got {value})", name)
+
+
+def _field_of(name: str) -> str:
+    """The parameter a checked value belongs to: `logit_bias[7]` is part of `logit_bias`."""
+    return name.split("[", 1)[0]
 
 
 def _check_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number (got {value!r})")
+        raise InvalidRequestError(f"{name} must be a number (got {value!r})", _field_of(name))
     return float(value)
 
 
@@ -80,37 +86,40 @@ class SamplingParams:
         _check_int("n", self.n, minimum=1)
         _check_int("best_of", self.best_of, allow_none=True)
         if self.best_of is not None and self.best_of < self.n:
-            raise ValueError(f"best_of must be >= n (got best_of={self.best_of}, n={self.n})")
+            raise InvalidRequestError(f"best_of must be >= n (got best_of={self.best_of}, n={self.n})", "best_of")
 
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_float(name, getattr(self, name))
             if not -2.0 <= value <= 2.0:
-                raise ValueError(f"{name} must be in [-2, 2] (got {value})")
+                raise InvalidRequestError(f"{name} must be in [-2, 2] (got {value})", name)
             setattr(self, name, value)
         self.repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
         if not 0.0 < self.repetition_penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be > 0 and finite (got {self.repetition_penalty})")
+            raise InvalidRequestError(
+                f"repetition_penalty must be > 0 and finite (got {self.repetition_penalty})", "repetition_penalty"
+            )
         self.temperature = _check_float("temperature", self.temperature)
         if not 0.0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be >= 0 and finite (got {self.temperature})")
+            raise InvalidRequestError(f"temperature must be >= 0 and finite (got {self.temperature})", "temperature")
         if self.best_of is not None and self.best_of > self.n and self.is_greedy:
             # vLLM refuses best_of > 1 with greedy sampling; here n > 1 greedy is allowed, so only the extra draws
             # (which would all be the same greedy sequence) are refused.
-            raise ValueError(
+            raise InvalidRequestError(
                 f"best_of must equal n (or be unset) when using greedy sampling (temperature=0): every sequence "
-                f"would be the same (got best_of={self.best_of}, n={self.n})"
+                f"would be the same (got best_of={self.best_of}, n={self.n})",
+                "best_of",
             )
         self.top_p = _check_float("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
+            raise InvalidRequestError(f"top_p must be in (0, 1] (got {self.top_p})", "top_p")
         _check_int("top_k", self.top_k)
         if self.top_k < -1:
-            raise ValueError(f"top_k must be 0 or -1 (disabled) or >= 1 (got {self.top_k})")
+            raise InvalidRequestError(f"top_k must be 0 or -1 (disabled) or >= 1 (got {self.top_k})", "top_k")
         if self.top_k == -1:
             self.top_k = 0
         self.min_p = _check_float("min_p", self.min_p)
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1] (got {self.min_p})")
+            raise InvalidRequestError(f"min_p must be in [0, 1] (got {self.min_p})", "min_p")
         _check_int("seed", self.seed, allow_none=True)
 
         self.stop = self._normalise_stop(self.stop)
@@ -119,8 +128,9 @@ class SamplingParams:
         _check_int("max_tokens", self.max_tokens, minimum=1, allow_none=True)
         _check_int("min_tokens", self.min_tokens, minimum=0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be <= max_tokens (got min_tokens={self.min_tokens}, max_tokens={self.max_tokens})"
+            raise InvalidRequestError(
+                f"min_tokens must be <= max_tokens (got min_tokens={self.min_tokens}, max_tokens={self.max_tokens})",
+                "min_tokens",
             )
         _check_int("logprobs", self.logprobs, minimum=0, allow_none=True)
         _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0, allow_none=True)
@@ -133,9 +143,9 @@ class SamplingParams:
             return []
         items = [stop] if isinstance(stop, str) else stop
         if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
-            raise ValueError(f"stop must be a string or a list of strings (got {stop!r})")
+            raise InvalidRequestError(f"stop must be a string or a list of strings (got {stop!r})", "stop")
         if any(s == "" for s in items):
-            raise ValueError("stop must not contain empty strings")
+            raise InvalidRequestError("stop must not contain empty strings", "stop")
         return list(items)
 
     @staticmethod
@@ -143,10 +153,14 @@ class SamplingParams:
         if ids is None:
             return []
         if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
-            raise ValueError(f"stop_token_ids must be a list of non-negative integers (got {ids!r})")
+            raise InvalidRequestError(
+                f"stop_token_ids must be a list of non-negative integers (got {ids!r})", "stop_token_ids"
+            )
         for token_id in ids:
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-                raise ValueError(f"stop_token_ids must be a list of non-negative integers (got {token_id!r})")
+                raise InvalidRequestError(
+                    f"stop_token_ids must be a list of non-negative integers (got {token_id!r})", "stop_token_ids"
+                )
         return list(ids)
 
     @staticmethod
@@ -155,14 +169,16 @@ class SamplingParams:
         if bias is None:
             return None
         if not isinstance(bias, dict):
-            raise ValueError(f"logit_bias must be a dict of token id to bias (got {type(bias).__name__})")
+            raise InvalidRequestError(
+                f"logit_bias must be a dict of token id to bias (got {type(bias).__name__})", "logit_bias"
+            )
         out: dict[int, float] = {}
         for key, value in bias.items():
             token_id = key
             if isinstance(key, str) and key.strip().isdigit():
                 token_id = int(key)
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-                raise ValueError(f"logit_bias keys must be non-negative token ids (got {key!r})")
+                raise InvalidRequestError(f"logit_bias keys must be non-negative token ids (got {key!r})", "logit_bias")
             value = _check_float(f"logit_bias[{token_id}]", value)
             out[token_id] = min(LOGIT_BIAS_LIMIT, max(-LOGIT_BIAS_LIMIT, value))
         return out
@@ -172,12 +188,18 @@ class SamplingParams:
         if ids is None:
             return None
         if isinstance(ids, (str, bytes)) or not isinstance(ids, (list, tuple)):
-            raise ValueError(f"allowed_token_ids must be a list of non-negative integers (got {ids!r})")
+            raise InvalidRequestError(
+                f"allowed_token_ids must be a list of non-negative integers (got {ids!r})", "allowed_token_ids"
+            )
         if not ids:
-            raise ValueError("allowed_token_ids must not be empty (leave it unset to allow every token)")
+            raise InvalidRequestError(
+                "allowed_token_ids must not be empty (leave it unset to allow every token)", "allowed_token_ids"
+            )
         for token_id in ids:
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-                raise ValueError(f"allowed_token_ids must be a list of non-negative integers (got {token_id!r})")
+                raise InvalidRequestError(
+                    f"allowed_token_ids must be a list of non-negative integers (got {token_id!r})", "allowed_token_ids"
+                )
         return list(ids)
 
     def token_ids_to_check(self) -> dict[str, list[int]]:
@@ -242,10 +264,10 @@ class BeamSearchParams:
         _check_int("max_tokens", self.max_tokens, minimum=1)
         self.temperature = _check_float("temperature", self.temperature)
         if not 0.0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be >= 0 and finite (got {self.temperature})")
+            raise InvalidRequestError(f"temperature must be >= 0 and finite (got {self.temperature})", "temperature")
         self.length_penalty = _check_float("length_penalty", self.length_penalty)
         if not math.isfinite(self.length_penalty):
-            raise ValueError(f"length_penalty must be finite (got {self.length_penalty})")
+            raise InvalidRequestError(f"length_penalty must be finite (got {self.length_penalty})", "length_penalty")
 
 
 __all__ = ["BeamSearchParams", "GREEDY_TEMPERATURE_EPS", "SamplingParams"]

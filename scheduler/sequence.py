@@ -48,6 +48,10 @@ class Sequence:
     # without the dicts, for a best_of request that did not ask for logprobs: it ranks the sequences).
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float = 0.0
+    # What the request's deltas have carried so far (see output_deltas.py).
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    finish_sent: bool = False
 
     @property
     def arrival(self) -> int:
@@ -98,6 +102,9 @@ class Request:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_prompt_logprobs: int = 0
     prompt_logprobs_asked: int = 0
+    # Whether a delta has carried the prompt (and its ids) and the prompt logprobs: each travels once.
+    prompt_sent: bool = False
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         # What the sampling worker gets: `params` lowered once, when the request is made.

@@ -59,19 +59,35 @@ def hf_llama(llama_dir: Path):
 
 @pytest.fixture(scope="session")
 def stream_deltas():
-    """Returns run(engine, params) -> (deltas, final output): steps the engine to the end, passing every output
-    of its (single) request through a DeltaTracker as a streaming client would see it."""
-    from rayinfer.scheduler.output_stream import DeltaTracker
+    """Returns run(engine, params) -> (deltas, final output): steps the engine to the end, keeping every delta of
+    its (single) request as a streaming client sees it, and the whole output assembled from them."""
+    from rayinfer.scheduler.outputs import OutputAssembler
 
     def run(engine, params):
-        tracker, deltas, final = DeltaTracker(params), [], None
+        assembler, deltas, final = OutputAssembler(), [], None
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                delta = tracker.delta(out)
-                if delta is not None:
-                    deltas.append(delta)
-                final = out
+            for delta in engine.step():
+                deltas.append(delta)
+                final = assembler.add(delta) or final
         return deltas, final
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_to_end():
+    """Returns run(engine) -> {request_id: whole output}: steps the engine until no request is left, assembling
+    each finished request's output from its deltas."""
+    from rayinfer.scheduler.outputs import OutputAssembler
+
+    def run(engine):
+        assembler, finals = OutputAssembler(), {}
+        while engine.has_unfinished_requests():
+            for delta in engine.step():
+                output = assembler.add(delta)
+                if output is not None:
+                    finals[output.request_id] = output
+        return finals
 
     return run
 

@@ -2,6 +2,7 @@
 temperature, top-k/p and logit_bias); logit_bias and allowed_token_ids steer the draw; bad values are refused."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -219,9 +220,10 @@ def test_out_of_range_requests_are_refused_at_add_time(llm: LLM, params: dict, m
 
 
 def test_max_logprobs_minus_one_lifts_the_cap(llm: LLM) -> None:
-    llm.engine.config.max_logprobs = -1
+    capped = llm.engine.limits
+    llm.engine.limits = dataclasses.replace(capped, max_logprobs=-1)
     try:
         out = llm.generate("Hello", SamplingParams(max_tokens=2, logprobs=30), use_tqdm=False)[0]
     finally:
-        llm.engine.config.max_logprobs = 20
+        llm.engine.limits = capped
     assert all(len(entry) in (30, 31) for entry in out.outputs[0].logprobs)

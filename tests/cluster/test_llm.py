@@ -200,7 +200,7 @@ def test_unknown_architecture_lists_supported(llama_dir: Path, tmp_path: Path) -
         LLM(str(model_dir))
 
 
-def test_failure_in_one_request_does_not_stop_the_others(llm: LLM) -> None:
+def test_failure_in_one_request_does_not_stop_the_others(llm: LLM, run_to_end) -> None:
     engine = llm.engine
     params = SamplingParams(max_tokens=8, **GREEDY)
     for request_id in ("ok-1", "bad", "ok-2"):
@@ -210,11 +210,7 @@ def test_failure_in_one_request_does_not_stop_the_others(llm: LLM) -> None:
         raise RuntimeError("detokenizer blew up")
 
     engine.requests["bad"].seqs[0].detokenizer.append = explode
-    finished = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                finished[out.request_id] = out
+    finished = run_to_end(engine)
     assert "detokenizer blew up" in finished["bad"].error
     assert finished["bad"].outputs[0].finish_reason == "error"
     for request_id in ("ok-1", "ok-2"):

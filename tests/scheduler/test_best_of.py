@@ -10,8 +10,7 @@ import pytest
 
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.engine import Engine
-from rayinfer.scheduler.output_stream import DeltaTracker
-from rayinfer.scheduler.outputs import RequestOutput
+from rayinfer.scheduler.outputs import OutputAssembler, RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 
 # Stopping on a tenth of the vocabulary ends some sequences early, so lengths and finish reasons differ.
@@ -32,11 +31,12 @@ def prompt() -> list[int]:
 
 def _run(engine: Engine, request_id: str, prompt: list[int], params: SamplingParams) -> RequestOutput:
     engine.add_request(request_id, None, params, prompt_token_ids=prompt)
-    final = None
+    final, assembler = None, OutputAssembler()
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.request_id == request_id and out.finished:
-                final = out
+        for delta in engine.step():
+            output = assembler.add(delta)
+            if output is not None and output.request_id == request_id:
+                final = output
     assert engine.num_free_blocks == engine.block_manager.num_blocks  # every block came back
     return final
 
@@ -101,7 +101,9 @@ def test_a_best_of_stream_sends_only_the_final_output(engine: Engine, prompt: li
     ]
     # Without best_of, the same request streams as it goes.
     plain = SamplingParams(n=2, **BASE)
-    assert DeltaTracker(plain).final_only is False
+    engine.add_request("stream-plain", None, plain, prompt_token_ids=prompt)
+    deltas, final = stream_deltas(engine, plain)
+    assert len(deltas) > 1 and [d.finished for d in deltas].count(True) == 1
 
 
 def test_aborting_a_best_of_request_returns_n_outputs(engine: Engine, prompt: list[int]) -> None:

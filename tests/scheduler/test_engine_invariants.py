@@ -22,7 +22,7 @@ import pytest
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.block_manager import blocks_for
 from rayinfer.scheduler.engine import Engine
-from rayinfer.scheduler.outputs import RequestOutput
+from rayinfer.scheduler.outputs import OutputAssembler, RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.workers.step_plan import StepPlan
 from rayinfer.workers.executor_interface import Executor
@@ -186,15 +186,26 @@ def make_engine(model_dir: Path, num_blocks: int, pipelined: bool = False, **con
 
 
 def drain(engine: Engine, max_steps: int = 10_000) -> dict[str, RequestOutput]:
-    finals = {}
+    """Steps to the end; each request's whole output, assembled from its deltas."""
+    finals, assembler = {}, OutputAssembler()
     for _ in range(max_steps):
         if not engine.has_unfinished_requests():
             assert not engine.executor.states, "workers still hold sequences after every request ended"
             return finals
-        for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = out
+        for delta in engine.step():
+            if (output := assembler.add(delta)) is not None:
+                finals[output.request_id] = output
     raise AssertionError(f"requests still unfinished after {max_steps} steps")
+
+
+def _assemble(so_far: dict[str, RequestOutput], delta: RequestOutput) -> RequestOutput:
+    """Adds a delta to its request's output so far; only a request's first delta carries its prompt ids."""
+    out = so_far.get(delta.request_id)
+    assert (delta.prompt_token_ids is not None) == (out is None), "the prompt ids travel once, in the first delta"
+    if out is None:
+        out = so_far[delta.request_id] = RequestOutput(delta.request_id, delta.prompt, list(delta.prompt_token_ids))
+    out.add(delta)
+    return out
 
 
 # ---------------------------------------------------------------- random workloads
@@ -260,25 +271,18 @@ def run_workload(
             add_next()  # arrives while others run
         if engine.requests and rng.random() < 0.01:
             victim = rng.choice(sorted(engine.requests))
-            out = engine.abort_request(victim)
-            assert out is not None and out.finished
+            delta = engine.abort_request(victim)
+            assert delta is not None and delta.finished
+            out = _assemble(last_seen, delta)  # the abort ends what was generated up to now
             assert all(c.finish_reason in ("abort", "length") for c in out.outputs)
             assert any(c.finish_reason == "abort" for c in out.outputs)
-            previous = last_seen.get(victim)
-            if previous is not None:  # the abort reports what was generated up to now
-                for before, now in zip(previous.outputs, out.outputs, strict=True):
-                    assert now.token_ids[: len(before.token_ids)] == before.token_ids
             aborted[victim] = out
         if not engine.has_unfinished_requests():
             if not pending:
                 break
             add_next()
-        for out in engine.step():
-            previous = last_seen.get(out.request_id)
-            if previous is not None:  # nothing generated is ever taken back, preempted or not
-                for before, now in zip(previous.outputs, out.outputs, strict=True):
-                    assert now.token_ids[: len(before.token_ids)] == before.token_ids
-            last_seen[out.request_id] = out
+        for delta in engine.step():
+            out = _assemble(last_seen, delta)
             if out.finished:
                 finals[out.request_id] = out
     else:

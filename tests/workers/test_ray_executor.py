@@ -22,15 +22,6 @@ def _ray_llm(model_dir: Path, **engine_args) -> LLM:
     return LLM(str(model_dir), tensor_parallel_size=2, distributed_executor_backend="ray", **engine_args)
 
 
-def _run_to_end(llm: LLM) -> dict[str, object]:
-    finished = {}
-    while llm.engine.has_unfinished_requests():
-        for out in llm.engine.step():
-            if out.finished:
-                finished[out.request_id] = out
-    return finished
-
-
 @pytest.mark.parametrize(
     ("kv_heads", "compiled_graph"),
     [(2, "0"), (1, "0"), (2, "1")],
@@ -57,7 +48,7 @@ def test_tp2_matches_tp1_and_transformers(
 
 @pytest.mark.parametrize("compiled_graph", ["0", "1"], ids=["actor-calls", "compiled-graph"])
 def test_killed_worker_is_replaced_and_outputs_are_unchanged(
-    compiled_graph: str, llama_dir: Path, ray_session, monkeypatch
+    compiled_graph: str, llama_dir: Path, ray_session, monkeypatch, run_to_end
 ) -> None:
     monkeypatch.setenv("RAYINFER_RAY_COMPILED_GRAPH", compiled_graph)
     reference = LLM(str(llama_dir)).generate(PROMPTS, GREEDY, use_tqdm=False)
@@ -69,7 +60,7 @@ def test_killed_worker_is_replaced_and_outputs_are_unchanged(
         for _ in range(5):
             llm.engine.step()
         os.kill(executor.worker_pids()[1], signal.SIGKILL)
-        finished = _run_to_end(llm)
+        finished = run_to_end(llm.engine)
         assert executor.generation == 2, "the worker group was not replaced"
         assert [finished[str(i)].outputs[0].token_ids for i in range(len(PROMPTS))] == [
             o.outputs[0].token_ids for o in reference
@@ -80,14 +71,14 @@ def test_killed_worker_is_replaced_and_outputs_are_unchanged(
         llm.shutdown()
 
 
-def test_group_that_cannot_be_rebuilt_fails_every_request(llama_dir: Path, ray_session) -> None:
+def test_group_that_cannot_be_rebuilt_fails_every_request(llama_dir: Path, ray_session, run_to_end) -> None:
     llm = _ray_llm(llama_dir, max_worker_restarts=0)
     try:
         for i, prompt in enumerate(PROMPTS):
             llm.engine.add_request(str(i), prompt, GREEDY)
         llm.engine.step()
         os.kill(llm.engine.executor.worker_pids()[0], signal.SIGKILL)
-        finished = _run_to_end(llm)
+        finished = run_to_end(llm.engine)
         assert sorted(finished) == [str(i) for i in range(len(PROMPTS))]
         for out in finished.values():
             assert out.finished and "could not be replaced" in out.error
@@ -119,7 +110,7 @@ def test_two_engines_side_by_side_then_shutdown_releases_everything(llama_dir: P
         second.shutdown()
 
 
-def test_abort_frees_blocks_on_every_rank(llama_dir: Path, ray_session) -> None:
+def test_abort_frees_blocks_on_every_rank(llama_dir: Path, ray_session, run_to_end) -> None:
     llm = _ray_llm(llama_dir)
     try:
         engine = llm.engine
@@ -131,7 +122,7 @@ def test_abort_frees_blocks_on_every_rank(llama_dir: Path, ray_session) -> None:
         assert len(engine.scheduler.running) == 1
         engine.step()  # the next step tells every rank to drop the aborted sequence
         assert engine.executor.call_workers("num_sequences") == [1, 1]
-        _run_to_end(llm)
+        run_to_end(llm.engine)
         assert engine.num_free_blocks == engine.block_manager.num_blocks
     finally:
         llm.shutdown()
@@ -144,7 +135,7 @@ def test_unshardable_model_fails_at_config_time(llama_dir: Path) -> None:
 
 @pytest.mark.parametrize("compiled_graph", ["0", "1"], ids=["actor-calls", "compiled-graph"])
 def test_logprobs_through_pipelined_workers_survive_a_restart(
-    compiled_graph: str, llama_dir: Path, ray_session, monkeypatch
+    compiled_graph: str, llama_dir: Path, ray_session, monkeypatch, run_to_end
 ) -> None:
     """Logprobs come back from rank 0 of a pipelined group (pending tokens included) and equal the in-process
     engine's; a worker killed mid-prefill loses the prompt logprobs in flight, which are then asked again."""
@@ -160,7 +151,7 @@ def test_logprobs_through_pipelined_workers_survive_a_restart(
         for _ in range(3):  # the longer prompts are still in prefill
             llm.engine.step()
         os.kill(llm.engine.executor.worker_pids()[1], signal.SIGKILL)
-        finished = _run_to_end(llm)
+        finished = run_to_end(llm.engine)
         assert llm.engine.executor.generation == 2, "the worker group was not replaced"
     finally:
         llm.shutdown()

@@ -1,4 +1,6 @@
-"""The scheduler actor: one engine replica as a Ray actor that streams each request's output deltas.
+"""`AsyncEngine`: the engine on a step thread of its own, with an asyncio face that streams each request's output
+deltas. It runs inside a Serve engine replica (`rayinfer.cluster.serve_app.EngineDeployment`); nothing in it
+needs Ray.
 
 Only the step thread touches the engine. Callers' `generate`/`abort` calls post commands to its inbox and
 wait on asyncio futures, so the event loop stays free to stream tokens while a step runs, and the thread
@@ -10,18 +12,12 @@ import asyncio
 import logging
 import queue
 import threading
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.engine import Engine
-from rayinfer.scheduler.output_stream import DeltaTracker
 from rayinfer.scheduler.outputs import RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 
@@ -33,11 +29,19 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
 
-    def push(self, output: RequestOutput) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, output)
+    def push(self, output: RequestOutput) -> bool:
+        """Hands a delta to the caller's event loop; False when that loop is gone (the caller with it)."""
+        return self.call(self.outputs.put_nowait, output)
+
+    def call(self, function: Any, *args: Any) -> bool:
+        try:
+            self.loop.call_soon_threadsafe(function, *args)
+        except RuntimeError:  # the loop was closed
+            return False
+        return True
 
 
-class EngineActor:
+class AsyncEngine:
     def __init__(self, config: EngineConfig, engine_id: str | None = None) -> None:
         self.engine = Engine(config, engine_id=engine_id)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -55,21 +59,18 @@ class EngineActor:
         params: SamplingParams,
         prompt_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Streams the request's output deltas; a bad request raises ValueError before anything streams."""
+        """Streams the request's output deltas; a bad request raises InvalidRequestError before anything streams."""
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
         accepted = loop.create_future()
         self._post(("add", request_id, prompt, params, prompt_token_ids, stream, accepted))
         await accepted
-        tracker = DeltaTracker(params)
         finished = False
         try:
             while not finished:
-                output = await stream.outputs.get()
-                finished = output.finished
-                delta = tracker.delta(output)
-                if delta is not None:
-                    yield delta
+                delta = await stream.outputs.get()
+                finished = delta.finished
+                yield delta
         finally:
             if not finished:  # the client went away: free the request's blocks at once
                 self._post(("abort", request_id))
@@ -117,10 +118,12 @@ class EngineActor:
                 try:
                     self.engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids)
                 except Exception as exc:
-                    stream.loop.call_soon_threadsafe(_settle, accepted, exc)
+                    stream.call(_settle, accepted, exc)
                     continue
-                self._streams[request_id] = stream
-                stream.loop.call_soon_threadsafe(_settle, accepted, None)
+                if stream.call(_settle, accepted, None):
+                    self._streams[request_id] = stream
+                else:  # the caller is gone already
+                    self.engine.abort_request(request_id)
             else:
                 output = self.engine.abort_request(command[1])
                 if output is not None:
@@ -132,7 +135,9 @@ class EngineActor:
             return
         if output.finished:
             del self._streams[output.request_id]
-        stream.push(output)
+        if not stream.push(output) and not output.finished:
+            del self._streams[output.request_id]  # nobody is left to read it: free its blocks now
+            self.engine.abort_request(output.request_id)
 
     def _fail_everything(self, message: str) -> list[RequestOutput]:
         outputs = []
@@ -152,38 +157,3 @@ def _settle(future: asyncio.Future, error: Exception | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
-
-
-@dataclass
-class EngineReplica:
-    """A running scheduler actor and the placement group it and its workers live in."""
-
-    actor: ray.actor.ActorHandle
-    engine_id: str
-    placement_group: PlacementGroup
-
-    def stop(self) -> None:
-        """Shuts the engine down (workers first), then removes the actor and its placement group."""
-        try:
-            ray.get(self.actor.shutdown.remote(), timeout=60)
-        finally:
-            ray.kill(self.actor)
-            remove_placement_group(self.placement_group)
-
-
-def start_engine_replica(config: EngineConfig) -> EngineReplica:
-    """Starts an engine replica: a placement group for its workers, the scheduler actor in its first bundle."""
-    from rayinfer.workers.ray_executor import worker_bundles
-
-    engine_id = uuid.uuid4().hex[:8]
-    if config.distributed_executor_backend is None:
-        config = config.model_copy(update={"distributed_executor_backend": "ray"})
-    group = placement_group(worker_bundles(config), strategy=config.placement_strategy, name=f"rayinfer-{engine_id}")
-    ray.get(group.ready(), timeout=120)
-    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
-    actor = (
-        ray.remote(EngineActor)
-        .options(name=f"rayinfer-{engine_id}-scheduler", num_cpus=0, scheduling_strategy=strategy)
-        .remote(config, engine_id)
-    )
-    return EngineReplica(actor, engine_id, group)

@@ -1,0 +1,96 @@
+"""`AsyncEngine` (what a Serve engine replica runs) streams deltas, aborts at once, refuses a bad request alone,
+and frees everything when a client goes away."""
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from rayinfer.cluster import LLM, SamplingParams
+from rayinfer.configs import EngineConfig
+from rayinfer.scheduler.async_engine import AsyncEngine
+from rayinfer.scheduler.request_errors import InvalidRequestError
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir: Path):
+    engine = AsyncEngine(EngineConfig(model=str(llama_dir)))
+    yield engine
+    engine.shutdown()
+
+
+async def _collect(stream) -> list:
+    return [delta async for delta in stream]
+
+
+def _wait_idle(engine: AsyncEngine, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = engine.stats()
+        if stats["num_running"] == 0 and stats["num_waiting"] == 0 or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.01)
+
+
+def test_stream_of_deltas_adds_up_to_the_offline_output(engine: AsyncEngine, llama_dir: Path) -> None:
+    params = SamplingParams(max_tokens=20, stop=["zzz-not-there"], **GREEDY)
+    expected = LLM(str(llama_dir)).generate("Once upon a time", params, use_tqdm=False)[0]
+    deltas = asyncio.run(_collect(engine.generate("s1", "Once upon a time", params)))
+    assert len(deltas) > 1 and deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    assert deltas[0].prompt_token_ids == expected.prompt_token_ids and deltas[0].prompt == "Once upon a time"
+    assert all(d.prompt_token_ids is None and d.prompt is None for d in deltas[1:])  # the prompt travels once
+    assert sum((d.outputs[0].token_ids for d in deltas), []) == expected.outputs[0].token_ids
+    assert "".join(d.outputs[0].text for d in deltas) == expected.outputs[0].text
+    assert deltas[-1].outputs[0].finish_reason == "length"
+
+
+def test_concurrent_streams(engine: AsyncEngine) -> None:
+    async def run() -> list[list]:
+        streams = [engine.generate(f"c{i}", "Hello", SamplingParams(max_tokens=5 + i, **GREEDY)) for i in range(4)]
+        return await asyncio.gather(*(_collect(stream) for stream in streams))
+
+    for i, deltas in enumerate(asyncio.run(run())):
+        assert len(sum((d.outputs[0].token_ids for d in deltas), [])) == 5 + i
+
+
+def test_bad_request_raises_without_disturbing_others(engine: AsyncEngine) -> None:
+    async def run() -> list:
+        good = asyncio.ensure_future(_collect(engine.generate("ok", "Hello", SamplingParams(max_tokens=8, **GREEDY))))
+        with pytest.raises(InvalidRequestError, match="prompt: must not be empty") as refused:
+            await _collect(engine.generate("bad", "", SamplingParams()))
+        assert refused.value.field == "prompt"
+        return await good
+
+    assert len(sum((d.outputs[0].token_ids for d in asyncio.run(run())), [])) == 8
+
+
+def test_abort_ends_the_stream_and_frees_blocks(engine: AsyncEngine) -> None:
+    async def run() -> tuple:
+        stream = engine.generate("long", "Hello", SamplingParams(max_tokens=400, **GREEDY))
+        first = await anext(stream)
+        await engine.abort("long")
+        return first, await _collect(stream)
+
+    first, rest = asyncio.run(run())
+    assert not first.finished
+    assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "abort"
+    stats = _wait_idle(engine)
+    assert stats["num_free_blocks"] == stats["num_blocks"]
+
+
+def test_client_that_goes_away_frees_its_request(engine: AsyncEngine) -> None:
+    aborted_before = engine.stats()["num_aborted_requests"]
+
+    async def run() -> None:
+        stream = engine.generate("gone", "Hello", SamplingParams(max_tokens=400, **GREEDY))
+        await anext(stream)
+        await stream.aclose()  # what Serve does when the HTTP client disconnects
+
+    asyncio.run(run())
+    stats = _wait_idle(engine)
+    assert stats["num_aborted_requests"] == aborted_before + 1, "the request ran on instead of being aborted"
+    assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]

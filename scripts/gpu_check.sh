@@ -53,7 +53,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,driver_version --f
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
 
 if want smoke; then
-    run smoke 90 python3 -m pytest -q -p no:cacheprovider --timeout 60 -m gpu tests/test_hf_equivalence.py \
+    run smoke 90 python3 -m pytest -q -p no:cacheprovider --timeout 60 -m gpu tests/e2e/test_hf_equivalence.py \
         tests/workers/test_cuda_graphs.py tests/kernels/test_moe_triton.py
 fi
 if want build || want thru || want decode || want peer; then
@@ -82,8 +82,8 @@ if want tests; then
     # Triton compiles on the CPU: spread the test files over processes (pytest-xdist is on the GPU image).
     run tests 240 python3 -m pytest -q -p no:cacheprovider --timeout 120 -n 8 -m gpu tests/kernels \
         tests/workers/test_worker.py tests/workers/test_sampler.py
-    run coverage 120 python3 -m pytest -q -p no:cacheprovider --timeout 120 -n 8 tests/test_model_coverage.py \
-        tests/test_models_moe.py tests/test_triton_path.py
+    run coverage 120 python3 -m pytest -q -p no:cacheprovider --timeout 120 -n 8 \
+        tests/workers/models/test_model_coverage.py tests/workers/models/test_moe.py tests/e2e/test_triton_path.py
 fi
 echo "== done in $(($(date +%s) - START)) s"
 cat "$OUT/summary.txt"

@@ -67,7 +67,7 @@ def _served_apps(args: argparse.Namespace) -> tuple[str, int, list]:
     for app in config.apps:
         app.args.update(overrides)
         if app.args.get("model") is None:  # resolved here so the printed name and the replicas agree
-            from rayinfer.cluster.tiny_model import default_tiny_model_dir
+            from rayinfer.workers.tiny_checkpoint import default_tiny_model_dir
 
             app.args["model"] = str(default_tiny_model_dir())
         EngineConfig(**{k: v for k, v in app.args.items() if k != "served_model_name"})  # bad args fail before Ray

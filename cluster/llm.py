@@ -34,7 +34,7 @@ def _normalise_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         if model is None:
-            from rayinfer.cluster.tiny_model import default_tiny_model_dir
+            from rayinfer.workers.tiny_checkpoint import default_tiny_model_dir
 
             model = str(default_tiny_model_dir())
         self.engine = Engine(EngineConfig(model=model, **engine_args))

@@ -56,7 +56,7 @@ class EngineDeployment:
 
     def __init__(self, config: EngineConfig) -> None:
         from rayinfer.cluster.metrics_board import Publisher
-        from rayinfer.cluster.tiny_model import ensure_model_dir
+        from rayinfer.workers.tiny_checkpoint import ensure_model_dir
 
         ensure_model_dir(config.model)  # the built-in tiny model is built on whichever node the replica lands
         self.engine = EngineActor(config)
@@ -596,7 +596,7 @@ def build_app_from_args(args: dict[str, Any], deployment_options: dict[str, dict
     served_model_name = engine_args.pop("served_model_name", None)
     model = engine_args.pop("model", None)
     if model is None:
-        from rayinfer.cluster.tiny_model import default_tiny_model_dir
+        from rayinfer.workers.tiny_checkpoint import default_tiny_model_dir
 
         model = str(default_tiny_model_dir())
     config = EngineConfig(model=model, **engine_args)

@@ -155,7 +155,7 @@ def main() -> int:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     model = args.model
     if model is None:
-        from rayinfer.cluster.tiny_model import build_tiny_checkpoint
+        from rayinfer.workers.tiny_checkpoint import build_tiny_checkpoint
 
         out = Path(tempfile.mkdtemp(prefix="bench-decode-"))
         model = str(build_tiny_checkpoint(out, size=args.size, dtype=args.dtype, device="cuda"))

@@ -82,7 +82,7 @@ def main() -> int:
 
     model = args.model
     if model is None:
-        from rayinfer.cluster.tiny_model import build_tiny_checkpoint
+        from rayinfer.workers.tiny_checkpoint import build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="bench-prefix-")),
                                           max_position_embeddings=2048))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from rayinfer.cluster.tiny_model import SIZES, SUPPORTED_TINY_ARCHS, build_tiny_checkpoint
+from rayinfer.workers.tiny_checkpoint import SIZES, SUPPORTED_TINY_ARCHS, build_tiny_checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:

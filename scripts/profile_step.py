@@ -37,7 +37,7 @@ def main() -> int:
 
     model = args.model
     if model is None:
-        from rayinfer.cluster.tiny_model import build_tiny_checkpoint
+        from rayinfer.workers.tiny_checkpoint import build_tiny_checkpoint
 
         model = str(build_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="profile-step-")), size=args.size))
     engine = Engine(EngineConfig(model=model, dtype="float32", max_num_seqs=args.seqs))

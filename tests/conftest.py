@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from rayinfer.cluster.tiny_model import build_tiny_checkpoint  # noqa: E402
+from rayinfer.workers.tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 _built: dict[tuple, Path] = {}

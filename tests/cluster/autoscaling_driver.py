@@ -102,7 +102,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from rayinfer.cluster.serve_app import build_app
-    from rayinfer.cluster.tiny_model import default_tiny_model_dir
+    from rayinfer.workers.tiny_checkpoint import default_tiny_model_dir
     from rayinfer.configs import EngineConfig
 
     summary: dict[str, Any] = {}

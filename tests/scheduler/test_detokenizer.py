@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from rayinfer.cluster.tiny_model import build_tokenizer
 from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
 from rayinfer.scheduler.stop_strings import find_stop_string, stop_holdback
+from rayinfer.workers.tiny_checkpoint import build_tokenizer
 
 MULTIBYTE = "café naïve 日本語のテキスト 🙂🚀 done"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rayinfer.cluster import tiny_model
-from rayinfer.cluster.tiny_model import SUPPORTED_TINY_ARCHS, build_tiny_checkpoint, default_tiny_model_dir
+import rayinfer.workers.tiny_checkpoint as tiny_package
+from rayinfer.workers.tiny_checkpoint import SUPPORTED_TINY_ARCHS, build_tiny_checkpoint, default_tiny_model_dir
+from rayinfer.workers.tiny_checkpoint.architectures import make_config
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "日本語のテキスト 🙂", "A"]
 
@@ -102,7 +104,7 @@ def test_config_overrides_reach_the_model(tmp_path: Path) -> None:
 
 
 def test_small_size_and_bad_arguments(tmp_path: Path) -> None:
-    config = tiny_model._make_config("qwen2", "small", 512, {}, {"sliding_window": 8})
+    config = make_config("qwen2", "small", 512, {}, {"sliding_window": 8})
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (256, 4, 8)
     assert (config.num_key_value_heads, config.intermediate_size, config.sliding_window) == (4, 688, 8)
     with pytest.raises(ValueError, match="arch"):
@@ -131,3 +133,19 @@ def test_script_writes_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[
     module.main(["--arch", "mistral", "--out", str(tmp_path / "m"), "--max-shard-size", "200KB"])
     assert (tmp_path / "m" / "model.safetensors.index.json").is_file()
     assert "wrote mistral/tiny" in capsys.readouterr().out
+
+
+def test_package_imports_only_configs_from_rayinfer() -> None:
+    # Workers own checkpoints; the front doors (cluster) and the scheduler sit above them, so no import may go up.
+    allowed = ("rayinfer.configs", "rayinfer.workers.tiny_checkpoint")
+    for source in sorted(Path(tiny_package.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{source.name}: relative import"
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert not name.startswith("rayinfer") or name.startswith(allowed), f"{source.name} imports {name}"

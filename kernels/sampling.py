@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rayinfer.kernels.counter_rng import counter_uniforms
 from rayinfer.kernels.triton_compat import HAS_TRITON, tl, triton
 
 libdevice = None
@@ -52,50 +53,6 @@ if HAS_TRITON:
             from triton.language.extra.cuda import libdevice
         except ImportError:
             libdevice = None
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed64(value: int) -> int:
-    """A Python int wrapped to int64 two's complement, the way torch int64 arithmetic wraps."""
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-# splitmix64 constants, written as signed int64 so torch accepts them as scalars.
-_GAMMA = _signed64(0x9E3779B97F4A7C15)
-_GAMMA_POSITION = _signed64(0xD1B54A32D192ED03)  # a second odd constant: separates positions of one seed
-_MIX1 = _signed64(0xBF58476D1CE4E5B9)
-_MIX2 = _signed64(0x94D049BB133111EB)
-
-
-def _shr(x: Tensor, shift: int) -> Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic, so clear the sign-extended bits)."""
-    return (x >> shift) & ((1 << (64 - shift)) - 1)
-
-
-def mix64(x: Tensor) -> Tensor:
-    """splitmix64's finaliser on int64 tensors (multiplies wrap around, as uint64 ones would)."""
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
-
-
-def counter_uniforms(seeds: Tensor, positions: Tensor, num_tokens: int) -> Tensor:
-    """[B, num_tokens] float32 uniforms in (0, 1), a pure function of (seed, position, token id).
-
-    Integer hashing is exact on every device, and the top 23 bits become (2h+1) / 2**24, which float32
-    holds exactly, so CPU and CUDA see the same numbers.
-    """
-    token_ids = torch.arange(num_tokens, dtype=torch.int64, device=seeds.device)
-    return uniforms_at(seeds, positions, token_ids[None, :])
-
-
-def uniforms_at(seeds: Tensor, positions: Tensor, token_ids: Tensor) -> Tensor:
-    """`counter_uniforms` at the given token ids only: [B] seeds and positions, [B or 1, N] ids -> [B, N]."""
-    key = mix64(mix64(seeds) + (positions + 1) * _GAMMA_POSITION)
-    bits = mix64(key[:, None] + (token_ids + 1) * _GAMMA)
-    return (_shr(bits, 41) * 2 + 1).to(torch.float32) * (2.0**-24)
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -469,11 +426,8 @@ def sample_filtered_triton(
 
 
 __all__ = [
-    "counter_uniforms",
     "counter_uniforms_triton",
-    "mix64",
     "sample_filtered_reference",
     "sample_filtered_triton",
     "top_k_top_p_reference",
-    "uniforms_at",
 ]

@@ -23,8 +23,8 @@ import random  # noqa: E402
 
 import pytest  # noqa: E402
 
+from rayinfer.kernels.counter_rng import counter_uniforms  # noqa: E402
 from rayinfer.kernels.sampling import (  # noqa: E402
-    counter_uniforms,
     counter_uniforms_triton,
     sample_filtered_reference,
     sample_filtered_triton,

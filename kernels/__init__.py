@@ -1,7 +1,8 @@
 """Device ops of the forward pass. Each op is a Triton kernel beside the torch reference it must match;
 `dispatch.dispatched` picks one per call (Triton for CUDA tensors, or as RAYINFER_KERNEL_BACKEND says)."""
 import rayinfer.configs.source_tree  # noqa: F401 - keeps a checkout's bare folders from shadowing PyPI packages
-from rayinfer.kernels import activation, attention as _attention, cpu_attention, moe, norm, rotary, sampling, sampling_cpu
+from rayinfer.kernels import activation, attention as _attention, cpu_attention, moe, norm, rotary
+from rayinfer.kernels import sampling_cpu, sampling_reference, sampling_triton
 from rayinfer.kernels.dispatch import dispatched, kernel_backend
 
 silu_and_mul = dispatched(activation.silu_and_mul_reference, activation.silu_and_mul_triton)
@@ -16,7 +17,9 @@ paged_attention = dispatched(
 )
 fused_moe = dispatched(moe.fused_moe_reference, moe.fused_moe_triton)
 sample_filtered = dispatched(
-    sampling.sample_filtered_reference, sampling.sample_filtered_triton, sampling_cpu.sample_filtered_cpu
+    sampling_reference.sample_filtered_reference,
+    sampling_triton.sample_filtered_triton,
+    sampling_cpu.sample_filtered_cpu,
 )
 
 __all__ = [

@@ -1,7 +1,7 @@
 """Counter-based random numbers for sampling: a uniform is a pure hash (splitmix64) of (seed, output position,
 token id), so a row's draw is reproducible and independent of the batch it runs in, and integer hashing gives the
-same bits on every device. This is the torch side and the definition; the Triton sampler hashes in-kernel with its
-own copies (`_mix64`, `_row_key`, `_uniforms` in `kernels/sampling.py`), which must stay bit-identical with it.
+same bits on every device. This is the torch side and the definition; the Triton sampler hashes in-kernel with the
+device functions of `kernels/counter_rng_triton.py`, which must stay bit-identical with the functions here.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from rayinfer.kernels.counter_rng import uniforms_at
-from rayinfer.kernels.sampling import sample_filtered_reference
+from rayinfer.kernels.sampling_reference import sample_filtered_reference
 
 CANDIDATE_COUNTS = (128, 2048)
 

@@ -19,6 +19,7 @@ import random  # noqa: E402
 
 import pytest  # noqa: E402
 
+from rayinfer.kernels.kv_cache_write import write_kv_reference, write_kv_triton  # noqa: E402
 from rayinfer.kernels.triton_compat import HAS_TRITON  # noqa: E402
 
 # The module, not the `paged_attention` op that rayinfer.kernels exports under the same name.
@@ -222,8 +223,8 @@ def test_write_kv_matches_reference_and_skips_padding(dtype: torch.dtype) -> Non
     expected_k = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
     expected_v = expected_k.clone()
     k_cache, v_cache = expected_k.clone(), expected_v.clone()
-    pa.write_kv_reference(key, value, expected_k, expected_v, slots)
-    pa.write_kv_triton(key, value, k_cache, v_cache, slots)
+    write_kv_reference(key, value, expected_k, expected_v, slots)
+    write_kv_triton(key, value, k_cache, v_cache, slots)
     torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(k_cache).sum() == (num_blocks * block_size - 4) * kv_heads * head_dim

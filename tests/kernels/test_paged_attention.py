@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from rayinfer.kernels.attention import paged_attention_reference
+from rayinfer.kernels.attention_reference import paged_attention_reference
 from rayinfer.kernels.cpu_attention import paged_attention_cpu
 from rayinfer.kernels.kv_cache_write import write_kv_reference
 

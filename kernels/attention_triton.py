@@ -1,201 +1,16 @@
-"""Attention of a mixed step (prefill chunks and decode tokens) over the paged KV pool.
-
-Layout: `k_cache`/`v_cache` are [num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence lives
-in block `block_tables[seq, t // block_size]` at offset `t % block_size`. The queries of sequence i are rows
-`query_start_loc[i]:query_start_loc[i+1]` of `q`; they are its newest tokens, so query j sits at position
-`seq_lens[i] - query_len + j` and attends causally to every earlier token in the pool (and its own chunk,
-whose K/V the caller has already written).
+"""Paged attention of a mixed step as one Triton launch: the kernel and its launcher, giving the results of
+`attention_reference.paged_attention_reference` (same arguments and pool layout) without gathering K/V copies or
+splitting the step into per-sequence calls. Split-KV's policy and merge live in `attention_split_kv`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
+from rayinfer.kernels.attention_split_kv import choose_num_splits, reduce_splits
 from rayinfer.kernels.triton_compat import tl, triton
 
 
-# Decode rows batched per call in the reference path: enough to keep the fused attention busy, few enough that a
-# group's contexts are of similar length.
-_DECODE_GROUP = 16
-
-
-def _gather_context(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, nb] block ids -> K and V [B, nb * block_size, Hkv, D] token-major, `length` rounded up to blocks.
-
-    One index_select of token slots on the flattened pool: on CPU about 3x faster than indexing by blocks."""
-    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    blocks = block_tables[:, : -(-length // block_size)]
-    offsets = torch.arange(block_size, device=blocks.device)
-    slots = (blocks[:, :, None] * block_size + offsets).flatten()
-    shape = (blocks.shape[0], blocks.shape[1] * block_size, num_kv_heads, head_dim)
-    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots).view(shape)
-    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots).view(shape)
-    return k, v
-
-
-def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    allowed: torch.Tensor,
-    scale: float,
-    soft_cap: float | None,
-    alibi_bias: torch.Tensor | None,
-    alibi_slopes: torch.Tensor | None,
-) -> torch.Tensor:
-    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], allowed [B, Lq, Lk] -> [B, Lq, Hq, D]; GQA without copying K/V.
-
-    alibi_bias [B, Lq, Lk] holds k_pos - q_pos; each head scales it by its slope.
-    """
-    batch, q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[2]
-    group = num_heads // num_kv_heads
-    qg = q.view(batch, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    kg = k.permute(0, 2, 1, 3).unsqueeze(2)
-    vg = v.permute(0, 2, 1, 3).unsqueeze(2)
-    scores = torch.matmul(qg.float(), kg.float().transpose(-1, -2)) * scale  # [B, Hkv, G, Lq, Lk]
-    if soft_cap is not None:
-        scores = soft_cap * torch.tanh(scores / soft_cap)
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.float().view(1, num_kv_heads, group, 1, 1)
-        scores = scores + slopes * alibi_bias[:, None, None].float()
-    scores.masked_fill_(~allowed[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, vg.float())  # [B, Hkv, G, Lq, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim).to(q.dtype)
-
-
-def _attend_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """`_attend` without soft-capping or ALiBi, through torch's fused attention: on CPU several times faster for
-    batched decodes (no broadcast copies of K/V per query head, one multi-threaded kernel). allowed=None means
-    plain causal attention of a chunk over itself (q and k of the same length): the fused kernel then skips the
-    masked half instead of computing and masking it."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    mask = None if allowed is None else allowed[:, None]
-    try:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-    except TypeError:  # torch < 2.5: no enable_gqa, so repeat K/V per query head
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-    return out.transpose(1, 2)
-
-
-def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, seq_lens: torch.Tensor, window: int | None) -> torch.Tensor:
-    """q_pos [B, Lq], k_pos [Lk], seq_lens [B] -> [B, Lq, Lk] causal (and sliding-window) visibility."""
-    k = k_pos[None, None, :]
-    q = q_pos[:, :, None]
-    allowed = (k <= q) & (k < seq_lens[:, None, None])
-    if window is not None:
-        allowed &= (q - k) < window
-    return allowed
-
-
-def paged_attention_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int | None = None,
-    soft_cap: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    max_query_len: int | None = None,
-    max_seq_len: int | None = None,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D]. Decode rows are batched in one gather; each prefill chunk runs on its own.
-
-    sliding_window: a query sees keys less than this many positions behind it. soft_cap: scores become
-    cap * tanh(score / cap) (after scaling). alibi_slopes [Hq]: adds slope * (k_pos - q_pos).
-    max_query_len / max_seq_len / num_splits are launch hints for the Triton kernel; results do not depend on them.
-    """
-    step = StepLayout.of(query_start_loc, seq_lens)
-    scoring = Scoring(scale, sliding_window, soft_cap, alibi_slopes)
-    out = torch.empty_like(q)
-    attend_decodes_reference(out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, step, scoring)
-    attend_chunks_reference(out, q, k_cache, v_cache, block_tables, seq_lens, step, scoring)
-    return out
-
-
-@dataclass(frozen=True)
-class StepLayout:
-    """The step's row layout on the host: where each sequence's queries start, its context and chunk lengths."""
-
-    starts: list[int]
-    lengths: list[int]
-    query_lens: list[int]
-
-    @staticmethod
-    def of(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> "StepLayout":
-        starts = query_start_loc.tolist()
-        lengths = seq_lens.tolist()
-        return StepLayout(starts, lengths, [starts[i + 1] - starts[i] for i in range(len(lengths))])
-
-    def decode_rows(self) -> list[int]:
-        return [i for i, n in enumerate(self.query_lens) if n == 1]
-
-
-@dataclass(frozen=True)
-class Scoring:
-    """How scores are formed and masked, beyond causality."""
-
-    scale: float
-    sliding_window: int | None = None
-    soft_cap: float | None = None
-    alibi_slopes: torch.Tensor | None = None
-
-    def plain(self) -> bool:
-        """Scaled dot products and nothing else: torch's fused attention covers it."""
-        return self.soft_cap is None and self.alibi_slopes is None
-
-    def attend(self, q_rows, k, v, q_pos, lens):
-        """q_rows [B, Lq, Hq, D] at positions q_pos [B, Lq] over k/v [B, Lk, Hkv, D] of lengths lens [B]."""
-        k_pos = torch.arange(k.shape[1], device=q_rows.device)
-        allowed = _allowed(q_pos, k_pos, lens, self.sliding_window)
-        if self.plain():
-            return _attend_sdpa(q_rows, k, v, allowed, self.scale)
-        bias = (k_pos[None, None, :] - q_pos[:, :, None]) if self.alibi_slopes is not None else None
-        return _attend(q_rows, k, v, allowed, self.scale, self.soft_cap, bias, self.alibi_slopes)
-
-
-def attend_decodes_reference(out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, step, scoring) -> None:
-    """The step's decode rows, batched and padded to the longest context of their group: sorted by length in
-    groups of _DECODE_GROUP, so short contexts are not padded to the longest of the whole step."""
-    decode_rows = sorted(step.decode_rows(), key=step.lengths.__getitem__)
-    for first in range(0, len(decode_rows), _DECODE_GROUP):
-        group = decode_rows[first : first + _DECODE_GROUP]
-        rows = torch.tensor(group, device=q.device)
-        token_idx = query_start_loc[rows]
-        lens = seq_lens[rows]
-        k, v = _gather_context(k_cache, v_cache, block_tables[rows], step.lengths[group[-1]])
-        out[token_idx] = scoring.attend(q[token_idx].unsqueeze(1), k, v, (lens - 1)[:, None], lens).squeeze(1)
-
-
-def attend_chunks_reference(out, q, k_cache, v_cache, block_tables, seq_lens, step, scoring) -> None:
-    """The step's prefill chunks (query_len > 1), one at a time."""
-    for i, q_len in enumerate(step.query_lens):
-        if q_len <= 1:
-            continue
-        start, length = step.starts[i], step.lengths[i]
-        k, v = _gather_context(k_cache, v_cache, block_tables[i : i + 1], length)
-        q_pos = torch.arange(length - q_len, length, device=q.device)[None]
-        rows = q[start : start + q_len].unsqueeze(0)
-        if q_len == length and scoring.plain() and scoring.sliding_window is None:  # a whole prompt: plain causal
-            out[start : start + q_len] = _attend_sdpa(rows, k[:, :length], v[:, :length], None, scoring.scale)[0]
-        else:
-            out[start : start + q_len] = scoring.attend(rows, k, v, q_pos, seq_lens[i : i + 1])[0]
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Triton kernels
-#
 # paged_attention: one launch for the whole mixed step, grid (query tiles, Hkv, num_splits).
 #   * Rows of a tile pack (query token, head of the GQA group): row m is token `m // GROUP` of the tile and query
 #     head `kv_head * GROUP + m % GROUP`, so the BLOCK_M x D query tile holds BLOCK_Q = BLOCK_M // GROUP tokens and
@@ -209,29 +24,8 @@ def attend_chunks_reference(out, q, k_cache, v_cache, block_tables, seq_lens, st
 #     and the causal end of its last query are visited.
 #   * Split-KV (flash-decoding): with num_splits > 1 the visited tile range of every query tile is cut into
 #     num_splits contiguous parts (works for prefill chunks and decodes alike); each part writes its running max,
-#     sum and unnormalised accumulator to float32 scratch and `_reduce_splits_kernel` (grid (T, Hq)) merges them.
+#     sum and unnormalised accumulator to float32 scratch, and `attention_split_kv.reduce_splits` merges them.
 # ----------------------------------------------------------------------------------------------------------------
-
-# Split-KV heuristic: splitting pays off when the unsplit grid leaves most SMs idle, i.e. few sequences x KV heads
-# (long single-stream decodes) and long contexts. We split when the working programs (query tiles that have rows x
-# Hkv) are at most half the SM count and max_seq_len >= _SPLIT_MIN_SEQ_LEN, aiming at about two programs per SM
-# but keeping at least _SPLIT_MIN_KEYS keys per split (so the partial write + reduce stays cheap) and at most
-# _MAX_SPLITS parts. Example, H100 (132 SMs), one 32k-token decode, 8 KV heads: 8 programs -> 33 splits of ~1k keys.
-_SPLIT_MIN_SEQ_LEN = 1024
-_SPLIT_MIN_KEYS = 512
-_MAX_SPLITS = 64
-_DEFAULT_SM_COUNT = 132  # used off CUDA (the interpreter), where the heuristic only matters for coverage
-
-_sm_counts: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _DEFAULT_SM_COUNT
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _sm_counts:
-        _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _sm_counts[index]
 
 
 @triton.jit
@@ -397,45 +191,6 @@ def _paged_attention_kernel(
 _INTERPRETED = type(_paged_attention_kernel).__name__ == "InterpretedFunction"
 
 
-@triton.jit
-def _reduce_splits_kernel(
-    part_m_ptr,
-    part_l_ptr,
-    part_acc_ptr,
-    out_ptr,
-    query_end_ptr,
-    num_tokens,
-    num_heads,
-    num_splits,
-    stride_ot,
-    stride_oh,
-    stride_od,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    if token >= tl.load(query_end_ptr):  # a padding row that belongs to no sequence: left as it is
-        return
-    offs_s = tl.arange(0, SPLITS_PAD)
-    s_valid = offs_s < num_splits
-    part = (offs_s * num_tokens + token) * num_heads + head
-    m = tl.load(part_m_ptr + part, mask=s_valid, other=float("-inf"))
-    l = tl.load(part_l_ptr + part, mask=s_valid, other=0.0)
-    m_max = tl.max(m, 0)
-    weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty splits weigh 0
-    denom = tl.sum(weight * l, 0)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    d_mask = offs_d < HEAD_DIM
-    acc = tl.load(
-        part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=s_valid[:, None] & d_mask[None, :], other=0.0
-    )
-    out = tl.sum(acc * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
-    out_ptrs = out_ptr + token * stride_ot + head * stride_oh + offs_d * stride_od
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
-
-
 def _tile_config(head_dim_pad: int, group: int, max_query_len: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) sized to the step: decode-only steps get the smallest M tile that
     tl.dot accepts (16 rows, or the group if larger); prefill rows up to 128 (64 for head_dim 256 or float32, whose
@@ -448,14 +203,6 @@ def _tile_config(head_dim_pad: int, group: int, max_query_len: int, dtype: torch
     block_n = 32 if wide else 64
     num_warps = 8 if block_m * head_dim_pad >= 128 * 128 else 4
     return block_m, block_n, num_warps, 2
-
-
-def _choose_num_splits(busy_programs: int, max_seq_len: int, device: torch.device) -> int:
-    """The split-KV heuristic documented above `_SPLIT_MIN_SEQ_LEN`."""
-    sm_count = _sm_count(device)
-    if max_seq_len < _SPLIT_MIN_SEQ_LEN or 2 * busy_programs > sm_count:
-        return 1
-    return max(1, min(2 * sm_count // busy_programs, max_seq_len // _SPLIT_MIN_KEYS, _MAX_SPLITS))
 
 
 def paged_attention_triton(
@@ -505,7 +252,7 @@ def paged_attention_triton(
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max().item())
         busy = min(num_q_tiles, num_seqs * triton.cdiv(max_query_len, block_q)) * num_kv_heads
-        num_splits = _choose_num_splits(busy, max_seq_len, q.device)
+        num_splits = choose_num_splits(busy, max_seq_len, q.device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1 (got {num_splits})")
     split = num_splits > 1
@@ -556,18 +303,8 @@ def paged_attention_triton(
         num_stages=num_stages,
     )
     if split:
-        _reduce_splits_kernel[(num_tokens, num_heads)](
-            part_m,
-            part_l,
-            part_acc,
-            out,
-            query_start_loc[num_seqs:],
-            num_tokens,
-            num_heads,
-            num_splits,
-            *out.stride(),
-            HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-        )
+        reduce_splits(part_m, part_l, part_acc, out, query_start_loc[num_seqs:])
     return out
+
+
+__all__ = ["paged_attention_triton"]

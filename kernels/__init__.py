@@ -1,7 +1,8 @@
 """Device ops of the forward pass. Each op is a Triton kernel beside the torch reference it must match;
 `dispatch.dispatched` picks one per call (Triton for CUDA tensors, or as RAYINFER_KERNEL_BACKEND says)."""
 import rayinfer.configs.source_tree  # noqa: F401 - keeps a checkout's bare folders from shadowing PyPI packages
-from rayinfer.kernels import activation, attention as _attention, cpu_attention, moe, norm, rotary, sampling, sampling_cpu
+from rayinfer.kernels import activation, attention_reference, attention_triton, cpu_attention, kv_cache_write
+from rayinfer.kernels import moe, norm, rotary, sampling_cpu, sampling_reference, sampling_triton
 from rayinfer.kernels.dispatch import dispatched, kernel_backend
 
 silu_and_mul = dispatched(activation.silu_and_mul_reference, activation.silu_and_mul_triton)
@@ -10,13 +11,17 @@ rms_norm = dispatched(norm.rms_norm_reference, norm.rms_norm_triton)
 fused_add_rms_norm = dispatched(norm.fused_add_rms_norm_reference, norm.fused_add_rms_norm_triton)
 layer_norm = dispatched(norm.layer_norm_reference, norm.layer_norm_triton)
 rotary_embedding = dispatched(rotary.rotary_embedding_reference, rotary.rotary_embedding_triton)
-write_kv = dispatched(_attention.write_kv_reference, _attention.write_kv_triton)
+write_kv = dispatched(kv_cache_write.write_kv_reference, kv_cache_write.write_kv_triton)
 paged_attention = dispatched(
-    _attention.paged_attention_reference, _attention.paged_attention_triton, cpu_attention.paged_attention_cpu
+    attention_reference.paged_attention_reference,
+    attention_triton.paged_attention_triton,
+    cpu_attention.paged_attention_cpu,
 )
 fused_moe = dispatched(moe.fused_moe_reference, moe.fused_moe_triton)
 sample_filtered = dispatched(
-    sampling.sample_filtered_reference, sampling.sample_filtered_triton, sampling_cpu.sample_filtered_cpu
+    sampling_reference.sample_filtered_reference,
+    sampling_triton.sample_filtered_triton,
+    sampling_cpu.sample_filtered_cpu,
 )
 
 __all__ = [

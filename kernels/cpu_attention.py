@@ -13,7 +13,7 @@ import ctypes
 
 import torch
 
-from rayinfer.kernels.attention import (
+from rayinfer.kernels.attention_reference import (
     Scoring,
     StepLayout,
     attend_chunks_reference,

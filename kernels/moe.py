@@ -179,7 +179,7 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, result.to(out_dtype), mask=row_valid[:, None] & n_valid[None, :])
 
 
-# Triton's interpreter multiplies the raw bits of bfloat16 operands in tl.dot (see kernels/attention.py), so there,
+# Triton's interpreter multiplies the raw bits of bfloat16 operands in tl.dot (see kernels/attention_triton.py), so there,
 # and only there, bfloat16 dots run on float32 copies of the same values.
 _INTERPRETED = type(_grouped_gemm_kernel).__name__ == "InterpretedFunction"
 

@@ -5,9 +5,9 @@
  * longest of their group. Here each (sequence, KV head) pair walks its own block table once, reading every K and
  * V row exactly once, with an online softmax; the query heads of a GQA group share each row while it is in cache.
  *
- * Layout as in kernels/attention.py: k_cache / v_cache are [num_blocks, block_size, num_kv_heads, head_dim];
- * sequence i's query is row rows[i] of q [T, num_heads, head_dim] (rows q_row_stride floats apart, heads packed)
- * and its output goes to the same row of out (contiguous).
+ * Layout as in kernels/attention_reference.py: k_cache / v_cache are
+ * [num_blocks, block_size, num_kv_heads, head_dim]; sequence i's query is row rows[i] of q [T, num_heads, head_dim]
+ * (rows q_row_stride floats apart, heads packed) and its output goes to the same row of out (contiguous).
  * Built by kernels/native_build.py with the compiler's OpenMP, which resolves to the libgomp torch has loaded, so
  * it shares torch's thread pool instead of starting a second one.
  */

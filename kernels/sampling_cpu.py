@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rayinfer.kernels.sampling import sample_filtered_reference, uniforms_at
+from rayinfer.kernels.counter_rng import uniforms_at
+from rayinfer.kernels.sampling_reference import sample_filtered_reference
 
 CANDIDATE_COUNTS = (128, 2048)
 

@@ -17,7 +17,7 @@ import sys
 import torch
 from cuda_timing import cuda_time_ms  # scripts/ is on sys.path when a script here runs
 
-from rayinfer.kernels import activation, attention, norm, rotary
+from rayinfer.kernels import activation, attention_triton, norm, rotary
 
 GB = 1e9
 
@@ -94,7 +94,7 @@ def bench_attention(dtype: torch.dtype) -> list[dict]:
     for batch, context in ((64, 2048), (16, 8192), (1, 32768)):
         q, kc, vc, tables, starts, lens = _paged_inputs([context] * batch, [1] * batch, kv_heads, q_heads, head_dim, dtype)
         ms = cuda_time_ms(
-            lambda: attention.paged_attention_triton(
+            lambda: attention_triton.paged_attention_triton(
                 q, kc, vc, tables, starts, lens, scale, max_query_len=1, max_seq_len=context
             )
         )
@@ -105,7 +105,7 @@ def bench_attention(dtype: torch.dtype) -> list[dict]:
         q, kc, vc, tables, starts, lens = _paged_inputs([length] * batch, [length] * batch, kv_heads, q_heads, head_dim, dtype)
         flops = 4 * batch * q_heads * head_dim * length * (length + 1) / 2  # causal: half the score matrix
         ms = cuda_time_ms(
-            lambda: attention.paged_attention_triton(
+            lambda: attention_triton.paged_attention_triton(
                 q, kc, vc, tables, starts, lens, scale, max_query_len=length, max_seq_len=length
             )
         )

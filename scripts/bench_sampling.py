@@ -50,8 +50,9 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args()
 
-    from rayinfer.kernels.sampling import sample_filtered_reference, sample_filtered_triton
     from rayinfer.kernels.sampling_cpu import sample_filtered_cpu
+    from rayinfer.kernels.sampling_reference import sample_filtered_reference
+    from rayinfer.kernels.sampling_triton import sample_filtered_triton
     from rayinfer.kernels.triton_compat import HAS_TRITON
 
     if torch.cuda.is_available():

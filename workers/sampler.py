@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 from rayinfer.kernels import sample_filtered
-from rayinfer.kernels.sampling import _signed64, counter_uniforms, mix64, top_k_top_p_reference
+from rayinfer.kernels.counter_rng import counter_uniforms, mix64
+from rayinfer.kernels.counter_rng import signed64 as _signed64  # the name the body below uses
+from rayinfer.kernels.sampling_reference import top_k_top_p_reference
 from rayinfer.workers.step_plan import SampleRequest
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rayinfer.kernels import cpu_attention
-from rayinfer.kernels.attention import paged_attention_reference
+from rayinfer.kernels.attention_reference import paged_attention_reference
 from rayinfer.kernels.cpu_attention import native_decode_available, paged_attention_cpu
 from rayinfer.kernels.native_build import load_native_library
 

@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from rayinfer.kernels.attention import paged_attention_reference, write_kv_reference
+from rayinfer.kernels.attention_reference import paged_attention_reference
 from rayinfer.kernels.cpu_attention import paged_attention_cpu
+from rayinfer.kernels.kv_cache_write import write_kv_reference
 
 IMPLEMENTATIONS = {"reference": paged_attention_reference, "cpu": paged_attention_cpu}
 

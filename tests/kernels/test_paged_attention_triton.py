@@ -1,7 +1,7 @@
 """Triton paged attention and KV write against their torch references, on fresh random inputs.
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors. TRITON_INTERPRET is read when a kernel is
-decorated (when rayinfer.kernels.attention is first imported), so it must be set before any module of the
+decorated (when rayinfer.kernels.attention_triton is first imported), so it must be set before any module of the
 session imports the kernels: tests/conftest.py sets it for the whole suite; the line below covers running this
 file on its own, and the module skips itself if the kernels were nonetheless compiled for a GPU it does not have.
 """
@@ -14,22 +14,22 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
 import random  # noqa: E402
 
 import pytest  # noqa: E402
 
+from rayinfer.kernels import attention_split_kv, attention_triton  # noqa: E402
+from rayinfer.kernels.attention_reference import paged_attention_reference  # noqa: E402
+from rayinfer.kernels.kv_cache_write import write_kv_reference, write_kv_triton  # noqa: E402
 from rayinfer.kernels.triton_compat import HAS_TRITON  # noqa: E402
 
-# The module, not the `paged_attention` op that rayinfer.kernels exports under the same name.
-pa = importlib.import_module("rayinfer.kernels.attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 pytestmark = [
     pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform"),
     pytest.mark.skipif(
-        DEVICE == "cpu" and type(pa._paged_attention_kernel).__name__ != "InterpretedFunction",
+        DEVICE == "cpu" and type(attention_triton._paged_attention_kernel).__name__ != "InterpretedFunction",
         reason="no CUDA and the kernels were imported before TRITON_INTERPRET=1 was set",
     ),
 ]
@@ -80,7 +80,7 @@ def _check(step, scale, *, window=None, soft_cap=None, alibi=None, num_splits=No
     if hints:
         hint = {"max_query_len": max(b - a for a, b in zip(starts, starts[1:])), "max_seq_len": max(lens)}
     out = torch.full_like(q, float("nan"))
-    result = pa.paged_attention_triton(
+    result = attention_triton.paged_attention_triton(
         q,
         step["k_cache"],
         step["v_cache"],
@@ -96,7 +96,7 @@ def _check(step, scale, *, window=None, soft_cap=None, alibi=None, num_splits=No
         **hint,
     )
     assert result is out
-    expected = pa.paged_attention_reference(
+    expected = paged_attention_reference(
         q,
         step["k_cache"].nan_to_num(0.0),
         step["v_cache"].nan_to_num(0.0),
@@ -186,7 +186,7 @@ def test_window_start_on_kv_tile_edges(num_splits: int) -> None:
     shapes = [(pos, 1) for pos in range(34, 46)]
     block_size = 4
     step = _make_step(shapes, 2, 1, 64, block_size, torch.float32, seed=num_splits)
-    block_n = pa._tile_config(64, 2, 1, torch.float32)[1]
+    block_n = attention_triton._tile_config(64, 2, 1, torch.float32)[1]
     for window in (8, 32):
         poisoned = dict(step, k_cache=step["k_cache"].clone(), v_cache=step["v_cache"].clone())
         for table, length in zip(step["block_tables"].tolist(), step["seq_lens"].tolist()):
@@ -197,11 +197,11 @@ def test_window_start_on_kv_tile_edges(num_splits: int) -> None:
 
 
 def test_heuristic_splits_only_few_long_sequences() -> None:
-    sm = pa._DEFAULT_SM_COUNT
-    assert pa._choose_num_splits(busy_programs=8, max_seq_len=32768, device=torch.device("cpu")) > 16
-    assert pa._choose_num_splits(busy_programs=8, max_seq_len=512, device=torch.device("cpu")) == 1
-    assert pa._choose_num_splits(busy_programs=sm, max_seq_len=32768, device=torch.device("cpu")) == 1
-    assert pa._choose_num_splits(busy_programs=1, max_seq_len=1100, device=torch.device("cpu")) == 2
+    sm = attention_split_kv._DEFAULT_SM_COUNT
+    assert attention_split_kv.choose_num_splits(busy_programs=8, max_seq_len=32768, device=torch.device("cpu")) > 16
+    assert attention_split_kv.choose_num_splits(busy_programs=8, max_seq_len=512, device=torch.device("cpu")) == 1
+    assert attention_split_kv.choose_num_splits(busy_programs=sm, max_seq_len=32768, device=torch.device("cpu")) == 1
+    assert attention_split_kv.choose_num_splits(busy_programs=1, max_seq_len=1100, device=torch.device("cpu")) == 2
 
 
 def test_heuristic_split_path_end_to_end() -> None:
@@ -222,8 +222,8 @@ def test_write_kv_matches_reference_and_skips_padding(dtype: torch.dtype) -> Non
     expected_k = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
     expected_v = expected_k.clone()
     k_cache, v_cache = expected_k.clone(), expected_v.clone()
-    pa.write_kv_reference(key, value, expected_k, expected_v, slots)
-    pa.write_kv_triton(key, value, k_cache, v_cache, slots)
+    write_kv_reference(key, value, expected_k, expected_v, slots)
+    write_kv_triton(key, value, k_cache, v_cache, slots)
     torch.testing.assert_close(k_cache, expected_k, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, expected_v, rtol=0, atol=0, equal_nan=True)
     assert torch.isnan(k_cache).sum() == (num_blocks * block_size - 4) * kv_heads * head_dim

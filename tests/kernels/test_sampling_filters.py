@@ -23,12 +23,10 @@ import random  # noqa: E402
 
 import pytest  # noqa: E402
 
-from rayinfer.kernels.sampling import (  # noqa: E402
-    counter_uniforms,
-    counter_uniforms_triton,
-    sample_filtered_reference,
-    sample_filtered_triton,
-)
+from rayinfer.kernels.counter_rng import counter_uniforms  # noqa: E402
+from rayinfer.kernels.counter_rng_triton import counter_uniforms_triton  # noqa: E402
+from rayinfer.kernels.sampling_reference import sample_filtered_reference  # noqa: E402
+from rayinfer.kernels.sampling_triton import sample_filtered_triton  # noqa: E402
 from rayinfer.kernels import sampling_cpu  # noqa: E402
 from rayinfer.kernels.sampling_cpu import sample_filtered_cpu  # noqa: E402
 from rayinfer.kernels.triton_compat import HAS_TRITON  # noqa: E402

@@ -1,46 +1,13 @@
-"""Filtered sampling of non-greedy rows: temperature -> top-k -> top-p -> min-p -> draw.
-
-The draw is an exponential race, argmax(logit_i - log(-log u_i)), with u from a counter-based hash of
-(seed, output position, token id), so a row's draw is reproducible and does not depend on the batch.
-
-`sample_filtered_reference` is the torch path (a full-vocabulary sort). `sample_filtered_triton` gives the same
-tokens from one launch, one program per row, with no sort and no host sync. Each step streams the row again
-(logits / temperature, recomputed, never stored):
-
-1. one pass for the row maximum and the range of its order keys (float32 bits mapped to int32 so that integer
-   order is float order, -0.0 and +0.0 merged);
-2. top-k: a multi-way bisection on the order key, i.e. a radix select 4 bits per pass: each pass counts the
-   tokens above NUM_PIVOTS = 16 keys spread over the current interval and keeps the sub-interval where the
-   count crosses k. It stops as soon as exactly k tokens lie above the low end (a few passes for float logits);
-3. top-p: the same search on a probability threshold: per pivot, the softmax mass (over the top-k set) above
-   it, against p. The low end always has mass >= p above it, the high end < p; the search stops once the
-   lowest token above the low end is itself kept (mass above it < p), and then keeps exactly the tokens whose
-   mass_before < p, the reference's rule (the top token always has mass_before 0);
-4. min-p: drop logit < max + log(min_p), the reference's comparison;
-5. the draw: uniforms hashed in-kernel (splitmix64 on uint64, bit for bit `counter_uniforms`), and a running
-   argmax that keeps the first index among equal scores, as torch.argmax does.
-
-Equal logits: the reference's stable sort ranks equal logits by token id. When a cut falls inside a group
-of equal logits (k-th and (k+1)-th largest tied; frequent with bf16 logits), the search ends on that group's
-key, and the draw pass keeps the group's members in token order while their rank is under the top-k quota and
-mass_before (mass above the group + rank * member probability) is under p: the same tokens as the reference.
-
-Where results can still differ from the reference:
-- a top-p boundary within float rounding of p: the reference sums probabilities with a cumsum in sorted order,
-  the kernel with tree reductions (and exp2-based exp on GPUs); the sums differ by ~1e-7 relative (more for a
-  long float32 cumsum on CPU), so a row whose mass_before at the cut lands that close to p may keep one token
-  more or one fewer. Random logits make this rare, not impossible: with ~100k near-equal probabilities the
-  steps in mass_before are ~1e-5, and a few rows in 256 can be affected;
-- under TRITON_INTERPRET on CPU, numpy's log can differ from torch's in the last bit, which only matters if
-  two draw scores tie to 1 ulp; on GPUs the kernel calls libdevice logf, the function torch's CUDA log runs;
-- NaN or +inf logits are not supported (-inf, e.g. banned tokens, is); a row needs one finite logit. top_ks
-  must be >= 1 and top_ps in (0, 1], as SamplingParams guarantees.
+"""Filtered sampling as one Triton launch, one program per row, with no sort and no host sync: the same tokens as
+`sampling_reference.sample_filtered_reference`, whose full-vocabulary sort is the slow part on a GPU. The notes
+above `_sample_filtered_kernel` say how the filters are found by search instead, and where results can differ.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from rayinfer.kernels.counter_rng_triton import row_key, token_uniforms
 from rayinfer.kernels.triton_compat import HAS_TRITON, tl, triton
 
 libdevice = None
@@ -52,129 +19,6 @@ if HAS_TRITON:
             from triton.language.extra.cuda import libdevice
         except ImportError:
             libdevice = None
-
-_MASK64 = (1 << 64) - 1
-
-
-def _signed64(value: int) -> int:
-    """A Python int wrapped to int64 two's complement, the way torch int64 arithmetic wraps."""
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-# splitmix64 constants, written as signed int64 so torch accepts them as scalars.
-_GAMMA = _signed64(0x9E3779B97F4A7C15)
-_GAMMA_POSITION = _signed64(0xD1B54A32D192ED03)  # a second odd constant: separates positions of one seed
-_MIX1 = _signed64(0xBF58476D1CE4E5B9)
-_MIX2 = _signed64(0x94D049BB133111EB)
-
-
-def _shr(x: Tensor, shift: int) -> Tensor:
-    """Logical right shift of int64 (torch's >> is arithmetic, so clear the sign-extended bits)."""
-    return (x >> shift) & ((1 << (64 - shift)) - 1)
-
-
-def mix64(x: Tensor) -> Tensor:
-    """splitmix64's finaliser on int64 tensors (multiplies wrap around, as uint64 ones would)."""
-    x = (x ^ _shr(x, 30)) * _MIX1
-    x = (x ^ _shr(x, 27)) * _MIX2
-    return x ^ _shr(x, 31)
-
-
-def counter_uniforms(seeds: Tensor, positions: Tensor, num_tokens: int) -> Tensor:
-    """[B, num_tokens] float32 uniforms in (0, 1), a pure function of (seed, position, token id).
-
-    Integer hashing is exact on every device, and the top 23 bits become (2h+1) / 2**24, which float32
-    holds exactly, so CPU and CUDA see the same numbers.
-    """
-    token_ids = torch.arange(num_tokens, dtype=torch.int64, device=seeds.device)
-    return uniforms_at(seeds, positions, token_ids[None, :])
-
-
-def uniforms_at(seeds: Tensor, positions: Tensor, token_ids: Tensor) -> Tensor:
-    """`counter_uniforms` at the given token ids only: [B] seeds and positions, [B or 1, N] ids -> [B, N]."""
-    key = mix64(mix64(seeds) + (positions + 1) * _GAMMA_POSITION)
-    bits = mix64(key[:, None] + (token_ids + 1) * _GAMMA)
-    return (_shr(bits, 41) * 2 + 1).to(torch.float32) * (2.0**-24)
-
-
-# ----------------------------------------------------------------------------------------------- reference
-
-
-def top_k_top_p_reference(logits: Tensor, top_ks: Tensor | None, top_ps: Tensor | None) -> Tensor:
-    """Mask to -inf outside each row's top-k, then outside the smallest set reaching top-p mass.
-
-    None disables a filter for the whole batch; per row, k >= vocab and p >= 1 disable it.
-    """
-    vocab = logits.shape[1]
-    # stable=True: ties rank by token id, so the kept set is unique whatever kernel the shape picks.
-    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
-    if top_ks is not None:
-        ranks = torch.arange(vocab, device=logits.device)
-        sorted_logits.masked_fill_(ranks[None, :] >= top_ks[:, None], float("-inf"))
-    if top_ps is not None:
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop = (mass_before >= top_ps[:, None]) & (top_ps[:, None] < 1.0)
-        drop[:, 0] = False  # the most likely token always stays
-        sorted_logits.masked_fill_(drop, float("-inf"))
-    # Scattering back is an exact permutation, so rows with both filters off come back unchanged.
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
-def sample_filtered_reference(
-    logits: Tensor,
-    temperatures: Tensor,
-    top_ks: Tensor | None,
-    top_ps: Tensor | None,
-    min_ps: Tensor | None,
-    seeds: Tensor,
-    positions: Tensor,
-) -> Tensor:
-    """[B] int64 token ids drawn from [B, V] logits after temperature, top-k, top-p and min-p.
-
-    temperatures [B] float32 (rows at 0 are greedy rows whose result the caller discards: they divide by 1),
-    top_ks [B] int64 (>= 1; >= V disables), top_ps [B] float32 (1 disables), min_ps [B] float32 (0 disables),
-    seeds and positions [B] int64. Passing None for a filter skips it for the whole batch.
-    """
-    logits = logits.to(torch.float32)
-    logits = logits / torch.where(temperatures > 0, temperatures, 1.0)[:, None]
-    if top_ks is not None or top_ps is not None:
-        logits = top_k_top_p_reference(logits, top_ks, top_ps)
-    if min_ps is not None:
-        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p); log(0) = -inf drops nothing.
-        threshold = logits.max(dim=-1, keepdim=True).values + torch.log(min_ps)[:, None]
-        logits = logits.masked_fill(logits < threshold, float("-inf"))
-    # Exponential race argmax(p_i / E_i), E_i = -log(u_i) ~ Exp(1), which picks i with probability p_i.
-    # Taken in log space, argmax(logit_i - log E_i): elementwise only, so no softmax reduction whose
-    # rounding could depend on the batch shape; filtered tokens stay at -inf and never win.
-    uniforms = counter_uniforms(seeds, positions, logits.shape[1])
-    return (logits - torch.log(-torch.log(uniforms))).argmax(dim=-1)
-
-
-# ------------------------------------------------------------------------------------------------- Triton
-
-
-@triton.jit
-def _mix64(x):
-    """splitmix64's finaliser on uint64 (multiplies wrap mod 2**64, shifts are logical)."""
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EB
-    return x ^ (x >> 31)
-
-
-@triton.jit
-def _row_key(seed, position):
-    """The uint64 stream key of one row, from its int64 seed and output position."""
-    seed_mix = _mix64(seed.to(tl.uint64, bitcast=True))
-    return _mix64(seed_mix + (position + 1).to(tl.uint64, bitcast=True) * 0xD1B54A32D192ED03)
-
-
-@triton.jit
-def _uniforms(row_key, token_ids):
-    """float32 uniforms (2h+1) / 2**24 for int32 token ids, equal bit for bit to `counter_uniforms`."""
-    bits = _mix64(row_key + (token_ids.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15)
-    return ((bits >> 41) * 2 + 1).to(tl.float32) * 5.9604644775390625e-08
 
 
 @triton.jit
@@ -229,6 +73,37 @@ def _narrow(pivots, low_side, counts, lo, hi, lo_count, hi_count):
     return new_lo, new_hi, new_lo_count, new_hi_count
 
 
+# How the kernel finds the reference's tokens without sorting. Each step streams the row again (logits /
+# temperature, recomputed, never stored):
+#
+# 1. one pass for the row maximum and the range of its order keys (float32 bits mapped to int32 so that integer
+#    order is float order, -0.0 and +0.0 merged);
+# 2. top-k: a multi-way bisection on the order key, i.e. a radix select 4 bits per pass: each pass counts the
+#    tokens above NUM_PIVOTS = 16 keys spread over the current interval and keeps the sub-interval where the
+#    count crosses k. It stops as soon as exactly k tokens lie above the low end (a few passes for float logits);
+# 3. top-p: the same search on a probability threshold: per pivot, the softmax mass (over the top-k set) above
+#    it, against p. The low end always has mass >= p above it, the high end < p; the search stops once the
+#    lowest token above the low end is itself kept (mass above it < p), and then keeps exactly the tokens whose
+#    mass_before < p, the reference's rule (the top token always has mass_before 0);
+# 4. min-p: drop logit < max + log(min_p), the reference's comparison;
+# 5. the draw: uniforms hashed in-kernel (`counter_rng_triton`, bit for bit `counter_rng.counter_uniforms`), and a
+#    running argmax that keeps the first index among equal scores, as torch.argmax does.
+#
+# Equal logits: the reference's stable sort ranks equal logits by token id. When a cut falls inside a group
+# of equal logits (k-th and (k+1)-th largest tied; frequent with bf16 logits), the search ends on that group's
+# key, and the draw pass keeps the group's members in token order while their rank is under the top-k quota and
+# mass_before (mass above the group + rank * member probability) is under p: the same tokens as the reference.
+#
+# Where results can still differ from the reference:
+# - a top-p boundary within float rounding of p: the reference sums probabilities with a cumsum in sorted order,
+#   the kernel with tree reductions (and exp2-based exp on GPUs); the sums differ by ~1e-7 relative (more for a
+#   long float32 cumsum on CPU), so a row whose mass_before at the cut lands that close to p may keep one token
+#   more or one fewer. Random logits make this rare, not impossible: with ~100k near-equal probabilities the
+#   steps in mass_before are ~1e-5, and a few rows in 256 can be affected;
+# - under TRITON_INTERPRET on CPU, numpy's log can differ from torch's in the last bit, which only matters if
+#   two draw scores tie to 1 ulp; on GPUs the kernel calls libdevice logf, the function torch's CUDA log runs;
+# - NaN or +inf logits are not supported (-inf, e.g. banned tokens, is); a row needs one finite logit. top_ks
+#   must be >= 1 and top_ps in (0, 1], as SamplingParams guarantees.
 @triton.jit
 def _sample_filtered_kernel(
     logits_ptr,
@@ -365,7 +240,7 @@ def _sample_filtered_kernel(
             log_min_p = _log(tl.where(min_p > 0, min_p, 1.0), PRECISE_LOG)
             threshold = tl.where(min_p > 0, row_max + log_min_p, float("-inf"))
 
-    row_key = _row_key(tl.load(seeds_ptr + row), tl.load(positions_ptr + row))
+    stream = row_key(tl.load(seeds_ptr + row), tl.load(positions_ptr + row))
     best = tl.full([], float("-inf"), tl.float32)
     best_idx = tl.full([], 0, tl.int32)
     tied_seen = tl.full([], 0, tl.int32)
@@ -380,36 +255,13 @@ def _sample_filtered_kernel(
             tied_seen += tl.sum(in_group, axis=0)
             group_kept = (rank < tie_limit) & (tie_mass + rank.to(tl.float32) * tie_weight < p)
             keep = keep & ((key > cut) | ((in_group == 1) & group_kept))
-        gumbel = _log(-_log(_uniforms(row_key, idx), PRECISE_LOG), PRECISE_LOG)
+        gumbel = _log(-_log(token_uniforms(stream, idx), PRECISE_LOG), PRECISE_LOG)
         score = tl.where(keep, z - gumbel, float("-inf"))
         tile_best, tile_idx = tl.max(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
         better = tile_best > best  # strict: an equal score later in the row loses, as in torch.argmax
         best_idx = tl.where(better, start + tile_idx, best_idx)
         best = tl.where(better, tile_best, best)
     tl.store(out_ptr + row, best_idx.to(tl.int64))
-
-
-@triton.jit
-def _uniforms_kernel(seeds_ptr, positions_ptr, out_ptr, num_tokens, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    row_key = _row_key(tl.load(seeds_ptr + row), tl.load(positions_ptr + row))
-    offs = tl.arange(0, BLOCK)
-    for start in range(0, num_tokens, BLOCK):
-        idx = start + offs
-        tl.store(out_ptr + row * num_tokens + idx, _uniforms(row_key, idx), mask=idx < num_tokens)
-
-
-def counter_uniforms_triton(seeds: Tensor, positions: Tensor, num_tokens: int) -> Tensor:
-    """`counter_uniforms` computed by the hash the sampling kernel runs (exposed so tests can compare bits)."""
-    if not HAS_TRITON:
-        raise RuntimeError("counter_uniforms_triton needs Triton, which is not installed on this platform")
-    out = torch.empty(seeds.shape[0], num_tokens, dtype=torch.float32, device=seeds.device)
-    if seeds.shape[0] and num_tokens:
-        block = min(1024, triton.next_power_of_2(num_tokens))
-        _uniforms_kernel[(seeds.shape[0],)](
-            seeds.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous(), out, num_tokens, BLOCK=block
-        )
-    return out
 
 
 def sample_filtered_triton(
@@ -467,13 +319,4 @@ def sample_filtered_triton(
     return out
 
 
-
-__all__ = [
-    "counter_uniforms",
-    "counter_uniforms_triton",
-    "mix64",
-    "sample_filtered_reference",
-    "sample_filtered_triton",
-    "top_k_top_p_reference",
-    "uniforms_at",
-]
+__all__ = ["sample_filtered_triton"]

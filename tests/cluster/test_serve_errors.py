@@ -1,7 +1,8 @@
 """Engine-side failures as the HTTP client sees them, behind an engine stand-in that fails on cue.
 
-A full queue answers 503 with Retry-After, an engine that raises or ends a request with an error answers 500
-(an error event once a stream has started), and none of it stops the server from serving the next request.
+A refusal answers 400 naming the client's field (carried as data through Ray, never parsed from the message), a
+full queue answers 503 with Retry-After, an engine that raises or ends a request with an error answers 500 (an
+error event once a stream has started), and none of it stops the server from serving the next request.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
+from rayinfer.scheduler.request_errors import InvalidRequestError
 
 requests = pytest.importorskip("requests", reason="installed with the 'serve' extra")
 serve = pytest.importorskip("ray.serve", reason="installed with the 'serve' extra")
@@ -37,6 +39,8 @@ class CuedEngine:
         return {"max_model_len": 512, "model": "cued"}
 
     async def generate(self, request_id, prompt, params, prompt_token_ids):
+        if prompt == "refuse":  # as the engine refuses an echo request's prompt logprobs over its cap
+            raise InvalidRequestError.about("prompt_logprobs", "5 requested, but this engine's max_logprobs is 2")
         if prompt == "crash":
             raise RuntimeError("the engine replica broke")
         if prompt == "fail":
@@ -52,7 +56,7 @@ class CuedEngine:
 
 @pytest.fixture(scope="module")
 def cued(serve_instance: str, llama_dir: Path) -> str:
-    from rayinfer.cluster.serve_app import Ingress
+    from rayinfer.cluster.openai.routes import Ingress
 
     app = Ingress.bind(CuedEngine.bind(), "cued", str(llama_dir))
     serve.run(app, name="cued", route_prefix="/cued")
@@ -69,6 +73,15 @@ def _assert_error(reply: requests.Response, status: int, type_: str) -> None:
     assert reply.status_code == status, reply.text
     error = reply.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == type_ and error["code"] == status
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_refusal_is_400_naming_the_client_field(cued: str, stream: bool) -> None:
+    reply = _complete(cued, "refuse", logprobs=5, echo=True, stream=stream)
+    _assert_error(reply, 400, "invalid_request_error")
+    error = reply.json()["error"]
+    assert error["param"] == "logprobs"  # the engine's prompt_logprobs is this request's logprobs
+    assert error["message"] == "logprobs: 5 requested, but this engine's max_logprobs is 2"
 
 
 def test_engine_exception_is_500_and_the_next_request_is_served(cued: str) -> None:

@@ -1,0 +1,172 @@
+"""The request bodies the OpenAI-compatible routes accept, as pydantic models.
+
+Requests ignore unknown fields (OpenAI clients send extras) but check types strictly (no "0.5" -> 0.5). Value
+ranges are not checked here: `SamplingParams` checks them when `sampling_fields` converts a request.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _check_prompt(value: Any) -> Any:
+    """Give one clear message for a bad `prompt` instead of one error per union member."""
+    def is_ids(v: Any) -> bool:
+        return isinstance(v, list) and len(v) > 0 and all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v
+        )
+
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value) or is_ids(value) or all(is_ids(v) for v in value):
+            return value
+    raise ValueError(
+        "Input should be a string, a non-empty list of strings, a list of token ids, or a list of token-id lists"
+    )
+
+
+Prompt = Annotated[Union[str, list[str], list[int], list[list[int]]], BeforeValidator(_check_prompt)]
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class TextContentPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    """One chat turn; `content` is a string or a list of text parts (no images)."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextContentPart], None] = None
+    name: Optional[str] = None
+    tool_call_id: Optional[str] = None
+
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class SamplingRequest(_Request):
+    """Fields shared by completions and chat: OpenAI's, then vLLM's extra body fields."""
+
+    model: Optional[str] = None
+    n: int = 1
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    user: Optional[str] = None
+    # vLLM extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # OpenAI sends logit_bias keys as strings ("50256"); SamplingParams turns them into token ids.
+    logit_bias: Optional[dict[str, float]] = None
+    allowed_token_ids: Optional[list[int]] = None
+    # vLLM's older beam search: the beam width is best_of if given, else n; the n best beams come back, best first.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: Optional[StreamOptions], info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("stream") is False:
+            raise ValueError("stream_options can only be set when stream is true")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed response ends with a usage chunk."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(SamplingRequest):
+    """Body of `POST /v1/completions`."""
+
+    prompt: Prompt
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = None
+    echo: bool = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompt as a batch: each item is a string or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """Body of `POST /v1/chat/completions`."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    add_generation_prompt: bool = True
+    best_of: Optional[int] = None  # a vLLM extra here, as on completions
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, value: Optional[int], info: ValidationInfo) -> Any:
+        # As OpenAI; 0 is harmless and accepted without logprobs, as vLLM does.
+        if value and info.data.get("logprobs") is False:
+            raise ValueError("top_logprobs can only be set when logprobs is true")
+        return value
+
+
+class TokenizeRequest(_Request):
+    """Body of `POST /tokenize` (vLLM): exactly one of `prompt` or `messages`."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: Optional[bool] = None  # None: True for a prompt, False for messages (template adds them)
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of prompt or messages must be given")
+        return self
+
+    @property
+    def use_special_tokens(self) -> bool:
+        """The effective `add_special_tokens`."""
+        return self.add_special_tokens if self.add_special_tokens is not None else self.prompt is not None
+
+
+class DetokenizeRequest(_Request):
+    """Body of `POST /detokenize` (vLLM)."""
+
+    model: Optional[str] = None
+    tokens: list[int]

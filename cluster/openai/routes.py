@@ -1,0 +1,195 @@
+"""The `Ingress` deployment: the OpenAI-compatible HTTP routes in front of the engine replicas.
+
+It checks a request's body, tokenizes it (applying the chat template), resolves its sampling settings and calls
+the engine deployment once per prompt, then answers with the whole response or forwards each output delta as a
+server-sent event the moment the engine produces it (no batching interval). What the engine refuses comes back
+as a 400 naming the client's field; the engine's limits (`EngineDeployment.info`) are fetched once and kept.
+"""
+# No `from __future__ import annotations` here: Serve pickles the decorated class by value, with only the globals
+# its code names, so FastAPI could not resolve a body's type from its name; real annotations travel with it.
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Optional
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from rayinfer.cluster.metrics import render_prometheus
+from rayinfer.cluster.openai.beam_search import serve_beam_search
+from rayinfer.cluster.openai.engine_calls import cancel, first_deltas, merged, open_stream, whole_output
+from rayinfer.cluster.openai.errors import (
+    engine_ended,
+    engine_failure,
+    error_event,
+    error_response,
+    install_error_handlers,
+    invalid_request,
+)
+from rayinfer.cluster.openai.rendering import SSE_DONE, PromptInput, Renderer
+from rayinfer.cluster.openai.request_models import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingRequest,
+    TokenizeRequest,
+)
+from rayinfer.cluster.openai.response_models import (
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeResponse,
+    random_id,
+)
+from rayinfer.cluster.openai.sampling_fields import to_sampling_params
+from rayinfer.scheduler.request_errors import InvalidRequestError
+
+INGRESS_MAX_ONGOING_REQUESTS = 2048
+
+# Serve pickles a deployment's class when it is decorated: the app, its handlers and every helper the class calls
+# must exist by then (here, above it, or in modules it imports).
+app = FastAPI(title="rayinfer", description="OpenAI-compatible LLM serving on Ray")
+install_error_handlers(app)
+
+
+async def _sse(renderer: Renderer, firsts: list, streams: list) -> AsyncIterator[str]:
+    """The prompts' delta streams as one event stream, each event sent the moment it exists; a failure after the
+    status line went out is an error event, and the stream still ends with `[DONE]`."""
+    async with contextlib.aclosing(merged(firsts, streams)) as deltas:  # closing it aborts what still runs
+        async for prompt_index, delta in deltas:
+            if isinstance(delta, Exception):
+                yield error_event(engine_failure(delta, renderer.body))
+                continue
+            event = renderer.delta_event(prompt_index, delta)
+            if event is not None:
+                yield event
+            if delta.error:
+                yield error_event(engine_ended(delta.error))
+    if renderer.body.include_usage:
+        yield renderer.usage_event()
+    yield SSE_DONE
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, engine: Any, served_model_name: str, tokenizer_path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self.engine = engine
+        self.model_name = served_model_name
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self._engine_info: Optional[dict[str, Any]] = None
+        self._info_lock = asyncio.Lock()
+
+    async def _info(self) -> dict[str, Any]:
+        """The engine's limits (`EngineDeployment.info`), fetched by one call however many requests come first."""
+        async with self._info_lock:
+            if self._engine_info is None:
+                self._engine_info = await self.engine.info.remote()
+        return self._engine_info
+
+    def _unknown_model(self, model: Optional[str]) -> Optional[JSONResponse]:
+        if model is not None and model != self.model_name:
+            return error_response(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                                  type_="not_found_error", param="model")
+        return None
+
+    # ------------------------------------------------------------------ plain routes
+    @app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        from rayinfer.cluster.metrics_board import live_snapshots
+
+        snapshots = live_snapshots(serve.get_replica_context().app_name)
+        return Response(render_prometheus(snapshots, self.model_name), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        max_model_len = (await self._info())["max_model_len"]
+        return ModelList(data=[ModelCard(id=self.model_name, root=self.model_name, max_model_len=max_model_len)]
+                         ).model_dump()
+
+    @app.post("/tokenize")
+    async def tokenize(self, body: TokenizeRequest) -> Any:
+        if (missing := self._unknown_model(body.model)) is not None:
+            return missing
+        text = body.prompt if body.prompt is not None else self._chat_text(body.messages, body.add_generation_prompt)
+        tokens = self.tokenizer.encode(text, add_special_tokens=body.use_special_tokens)
+        strs = self.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
+        return TokenizeResponse(count=len(tokens), max_model_len=(await self._info())["max_model_len"],
+                                tokens=tokens, token_strs=strs)
+
+    @app.post("/detokenize")
+    async def detokenize(self, body: DetokenizeRequest) -> Any:
+        if (missing := self._unknown_model(body.model)) is not None:
+            return missing
+        return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
+
+    # ------------------------------------------------------------------ generation
+    @app.post("/v1/completions")
+    async def completions(self, body: CompletionRequest) -> Any:
+        if (missing := self._unknown_model(body.model)) is not None:
+            return missing
+        return await self._serve(body, [self._encode(prompt) for prompt in body.prompts()])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatCompletionRequest) -> Any:
+        if (missing := self._unknown_model(body.model)) is not None:
+            return missing
+        text = self._chat_text(body.messages, body.add_generation_prompt)
+        return await self._serve(body, [(text, self.tokenizer.encode(text, add_special_tokens=False))])
+
+    def _chat_text(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        return self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _encode(self, prompt: str | list[int]) -> PromptInput:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        return None, list(prompt)
+
+    async def _serve(self, body: SamplingRequest, prompts: list[PromptInput]) -> Any:
+        """One request's prompts through the engine; whether each fits the context is the engine's to say."""
+        try:
+            info = await self._info()
+        except Exception as exc:
+            return engine_failure(exc)
+        prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
+        request_ids = [random_id(prefix) for _ in prompts]
+        renderer = Renderer(body, self.model_name, self.tokenizer, prompts, response_id=request_ids[0])
+        if body.use_beam_search:
+            return await serve_beam_search(self.engine, info, renderer)
+        try:
+            params = [to_sampling_params(body, info["max_model_len"] - len(ids)) for _, ids in prompts]
+        except InvalidRequestError as exc:
+            return invalid_request(exc)
+        streams = [
+            open_stream(self.engine, rid, text, sp, ids) for rid, (text, ids), sp in zip(request_ids, prompts, params)
+        ]
+        try:
+            firsts = await first_deltas(streams)
+        except Exception as exc:
+            return engine_failure(exc, body)
+        if body.stream:
+            return StreamingResponse(_sse(renderer, firsts, streams), media_type="text/event-stream")
+        try:
+            outputs = [await whole_output(first, stream) for first, stream in zip(firsts, streams)]
+        except BaseException as exc:  # failed, or the client left (cancelled): abort what still runs
+            cancel(streams)
+            if not isinstance(exc, Exception):
+                raise
+            return engine_failure(exc, body)
+        failed = next((output.error for output in outputs if output.error), None)
+        if failed is not None:
+            return engine_ended(failed)
+        return renderer.full_response(outputs)

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 
 from rayinfer.kernels import sample_filtered
-from rayinfer.kernels.counter_rng import counter_uniforms, mix64
-from rayinfer.kernels.counter_rng import signed64 as _signed64  # the name the body below uses
+from rayinfer.kernels.counter_rng import counter_uniforms, mix64, signed64
 from rayinfer.kernels.sampling_reference import top_k_top_p_reference
 from rayinfer.workers.step_plan import SampleRequest
 
@@ -83,7 +82,7 @@ class RowSettings:
             presence_penalty=p.presence_penalty,
             frequency_penalty=p.frequency_penalty,
             repetition_penalty=p.repetition_penalty,
-            seed=_signed64(request.seed),
+            seed=signed64(request.seed),
         )
 
 

@@ -9,17 +9,23 @@ from rayinfer.workers.cuda_graphs import DecodeGraphs
 from rayinfer.workers.kv_pool import KVPool
 from rayinfer.workers.layers.attention import AttentionMetadata, PagedAttention
 from rayinfer.workers.logprobs import top_logprobs
-from rayinfer.workers.sampler import Sampler, SamplingTensors
+from rayinfer.workers.sampler import Sampler
+from rayinfer.workers.sampling_batch import SamplingBatch
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_pool: KVPool, vocab_size: int, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, kv_pool: KVPool, vocab_size: int, device: torch.device, max_num_seqs: int
+    ) -> None:
         self.model = model
         self.kv_pool = kv_pool
         self.vocab_size = vocab_size
         self.device = device
         self.block_size = kv_pool.block_size
         self.sampler = Sampler()
+        # Each live sequence's sampling settings, on the device; the worker feeds it each plan's new and finished
+        # sequences, and the runner each step's drawn ids.
+        self.sampling_batch = SamplingBatch(vocab_size, device, capacity=max_num_seqs)
         attention_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         if len(attention_layers) != len(kv_pool.layers):
             raise RuntimeError(f"model has {len(attention_layers)} attention layers, pool has {len(kv_pool.layers)}")
@@ -117,13 +123,15 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])  # a collective under tensor parallelism
         num_samples = sample_rows.numel()
         sample_logits = logits[:num_samples]
-        requests = [sequences[chunk.seq_id].sampling for chunk in plan.chunks if chunk.sample]
+        sampling_seq_ids = [chunk.seq_id for chunk in plan.chunks if chunk.sample]
         out = StepOutput([])
-        if requests:
-            sampling = SamplingTensors.build(requests, self.vocab_size, self.device)
-            token_ids = self.sampler(sample_logits, sampling)
+        if sampling_seq_ids:
+            step_rows = self.sampling_batch.step_rows(sampling_seq_ids)
+            token_ids = self.sampler(sample_logits, self.sampling_batch.tensors(step_rows))
+            self.sampling_batch.record(step_rows, token_ids)
             if with_logprobs:
-                out.logprobs = self._sample_logprobs(plan, requests, sample_logits, token_ids)
+                requests = [sequences[seq_id].sampling for seq_id in sampling_seq_ids]
+                out.logprobs = self._sample_logprobs(sampling_seq_ids, requests, sample_logits, token_ids)
             out.token_ids = token_ids.tolist()
         if with_logprobs and prompt_rows:
             entries = top_logprobs(
@@ -137,13 +145,12 @@ class ModelRunner:
         return out
 
     def _sample_logprobs(
-        self, plan: StepPlan, requests: list, logits: torch.Tensor, token_ids: torch.Tensor
+        self, seq_ids: list[int], requests: list, logits: torch.Tensor, token_ids: torch.Tensor
     ) -> dict[int, TopLogprobs] | None:
         """Logprobs of the drawn tokens, for the sampling rows whose params ask for them; None if none does."""
         asking = [i for i, request in enumerate(requests) if request.params.logprobs is not None]
         if not asking:
             return None
-        seq_ids = [chunk.seq_id for chunk in plan.chunks if chunk.sample]
         index = self._tensor(asking)
         entries = top_logprobs(logits[index], token_ids[index], [requests[i].params.logprobs for i in asking])
         return {seq_ids[i]: entry for i, entry in zip(asking, entries)}

@@ -14,7 +14,6 @@ so a row draws the same token alone, in any batch, and in any order.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +24,11 @@ from rayinfer.workers.step_plan import SampleRequest
 
 @dataclass
 class SamplingTensors:
-    """Per-row sampling settings as device tensors, plus batch flags that let the sampler skip work."""
+    """Per-row sampling settings as device tensors, plus batch flags that let the sampler skip work.
+
+    The engine gathers them each step from its `SamplingBatch` (`workers/sampling_batch.py`), which keeps every
+    live sequence's row on the device across steps.
+    """
 
     temperatures: Tensor  # [B] float32; 0 for greedy rows
     top_ks: Tensor  # [B] int64; vocab_size where disabled
@@ -36,8 +39,8 @@ class SamplingTensors:
     repetition_penalties: Tensor  # [B] float32
     seeds: Tensor  # [B] int64
     output_positions: Tensor  # [B] int64: number of output tokens so far
-    prompt_token_ids: Tensor | None  # [B, Lp] int64 padded with vocab_size; only with a repetition penalty
-    output_token_ids: Tensor | None  # [B, Lo] int64 padded with vocab_size; only with any penalty
+    prompt_seen: Tensor | None  # [B, V] bool: ids in the prompt; only with a repetition penalty
+    output_counts: Tensor | None  # [B, V] float32: times each id was drawn; only with any penalty
     banned_token_ids: Tensor | None  # [B, K] int64 padded with vocab_size; stop ids while below min_tokens
     allowed_token_ids: Tensor | None  # [B, K] int64 padded with vocab_size; only when a row restricts its ids
     restricted_rows: Tensor | None  # [B] bool: rows with allowed_token_ids (the others allow everything)
@@ -49,79 +52,37 @@ class SamplingTensors:
     any_min_p: bool
     any_penalty: bool
 
+
+@dataclass(frozen=True)
+class RowSettings:
+    """A sequence's scalar sampler settings, as its row of `SamplingTensors` holds them for its whole life.
+
+    Greedy rows get every filter disabled: they take the argmax, and a disabled filter costs nothing.
+    """
+
+    temperature: float
+    top_k: int  # vocab_size where disabled
+    top_p: float
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    seed: int  # wrapped to int64, as the counter-based draw hashes it
+
     @classmethod
-    def build(cls, rows: Sequence[SampleRequest], vocab_size: int, device: torch.device | str) -> SamplingTensors:
-        if not rows:
-            raise ValueError("SamplingTensors.build needs at least one row")
-        if vocab_size < 1:
-            raise ValueError(f"vocab_size must be >= 1 (got {vocab_size})")
-        temperatures: list[float] = []
-        top_ks: list[int] = []
-        top_ps: list[float] = []
-        min_ps: list[float] = []
-        banned: list[list[int]] = []
-        allowed: list[list[int]] = []
-        bias_ids: list[list[int]] = []
-        bias_values: list[list[float]] = []
-        any_repetition = any_penalty = False
-        for row in rows:
-            p = row.params
-            greedy = p.is_greedy
-            # Greedy rows get every filter disabled: they take argmax, and disabled filters cost nothing.
-            temperatures.append(0.0 if greedy else p.temperature)
-            top_ks.append(vocab_size if greedy or p.top_k <= 0 else min(p.top_k, vocab_size))
-            top_ps.append(1.0 if greedy else p.top_p)
-            min_ps.append(0.0 if greedy else p.min_p)
-            banned.append(list(row.stop_ids_for_min_tokens) if len(row.output_token_ids) < p.min_tokens else [])
-            allowed.append(p.allowed_token_ids or [])
-            bias_ids.append(list(p.logit_bias) if p.logit_bias else [])
-            bias_values.append(list(p.logit_bias.values()) if p.logit_bias else [])
-            any_repetition |= p.repetition_penalty != 1.0
-            any_penalty |= p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-        def floats(values: list[float]) -> Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
-
-        def ints(values: list[int]) -> Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=device)
-
+    def of(cls, request: SampleRequest, vocab_size: int) -> RowSettings:
+        p = request.params
+        greedy = p.is_greedy
         return cls(
-            temperatures=floats(temperatures),
-            top_ks=ints(top_ks),
-            top_ps=floats(top_ps),
-            min_ps=floats(min_ps),
-            presence_penalties=floats([r.params.presence_penalty for r in rows]),
-            frequency_penalties=floats([r.params.frequency_penalty for r in rows]),
-            repetition_penalties=floats([r.params.repetition_penalty for r in rows]),
-            seeds=ints([_signed64(r.seed) for r in rows]),
-            output_positions=ints([len(r.output_token_ids) for r in rows]),
-            prompt_token_ids=_padded([r.prompt_token_ids for r in rows], vocab_size, device)
-            if any_repetition
-            else None,
-            output_token_ids=_padded([r.output_token_ids for r in rows], vocab_size, device) if any_penalty else None,
-            banned_token_ids=_padded(banned, vocab_size, device) if any(banned) else None,
-            allowed_token_ids=_padded(allowed, vocab_size, device) if any(allowed) else None,
-            restricted_rows=torch.tensor([bool(a) for a in allowed], device=device) if any(allowed) else None,
-            logit_bias_ids=_padded(bias_ids, vocab_size, device) if any(bias_ids) else None,
-            logit_bias_values=_padded_floats(bias_values, device) if any(bias_ids) else None,
-            all_greedy=all(t == 0.0 for t in temperatures),
-            any_top_k=any(k < vocab_size for k in top_ks),
-            any_top_p=any(p < 1.0 for p in top_ps),
-            any_min_p=any(p > 0.0 for p in min_ps),
-            any_penalty=any_penalty,
+            temperature=0.0 if greedy else p.temperature,
+            top_k=vocab_size if greedy or p.top_k <= 0 else min(p.top_k, vocab_size),
+            top_p=1.0 if greedy else p.top_p,
+            min_p=0.0 if greedy else p.min_p,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
+            seed=_signed64(request.seed),
         )
-
-
-def _padded(lists: Sequence[Sequence[int]], pad: int, device: torch.device | str) -> Tensor:
-    """[B, max len] int64, short rows filled with `pad` (= vocab_size, a column the sampler drops)."""
-    width = max(1, max(len(ids) for ids in lists))
-    return torch.tensor([list(ids) + [pad] * (width - len(ids)) for ids in lists], dtype=torch.int64, device=device)
-
-
-def _padded_floats(lists: Sequence[Sequence[float]], device: torch.device | str) -> Tensor:
-    """[B, max len] float32, short rows filled with 0 (matching `_padded`'s pad ids)."""
-    width = max(1, max(len(values) for values in lists))
-    return torch.tensor([list(v) + [0.0] * (width - len(v)) for v in lists], dtype=torch.float32, device=device)
 
 
 def _token_mask(token_ids: Tensor, vocab_size: int) -> Tensor:
@@ -144,15 +105,12 @@ def apply_allowed_and_bias(logits: Tensor, t: SamplingTensors) -> Tensor:
 
 def apply_penalties(logits: Tensor, t: SamplingTensors) -> Tensor:
     """Repetition penalty (prompt + output tokens) then frequency/presence penalties (output tokens)."""
-    batch, vocab = logits.shape
-    if t.output_token_ids is None:
-        raise ValueError("SamplingTensors.any_penalty is set but output_token_ids is missing")
-    out_ids = t.output_token_ids
-    counts = torch.zeros(batch, vocab + 1, dtype=torch.float32, device=logits.device)
-    counts = counts.scatter_add_(1, out_ids, torch.ones_like(out_ids, dtype=torch.float32))[:, :vocab]
-    if t.prompt_token_ids is not None:
+    if t.output_counts is None:
+        raise ValueError("SamplingTensors.any_penalty is set but output_counts is missing")
+    counts = t.output_counts
+    if t.prompt_seen is not None:
         # HF semantics over prompt + output tokens: shrink positive logits, push negative ones further down.
-        seen = _token_mask(t.prompt_token_ids, vocab) | (counts > 0)
+        seen = t.prompt_seen | (counts > 0)
         rep = t.repetition_penalties[:, None]
         logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
     # OpenAI semantics over output tokens only.
@@ -197,6 +155,7 @@ class Sampler(torch.nn.Module):
 
 
 __all__ = [
+    "RowSettings",
     "Sampler",
     "SamplingTensors",
     "apply_allowed_and_bias",

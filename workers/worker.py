@@ -166,7 +166,7 @@ class Worker:
             plan.chunks.append(SequenceChunk(seq_id, [0] * length, 0, blocks, reset_blocks=True, sample=True))
             next_block += num_blocks
         self.execute(plan)
-        self.sequences.clear()
+        self.execute(StepPlan(chunks=[], finished_seq_ids=list(range(len(lengths)))))
         return next_block
 
     def init_cache(self, num_blocks: int, capture_graphs: bool = False) -> None:
@@ -176,7 +176,7 @@ class Worker:
         pool = KVPool(
             self.spec.num_layers, num_blocks, self.config.block_size, kv_heads, self.spec.head_dim, self.dtype, self.device
         )
-        self.runner = ModelRunner(self.model, pool, self.spec.vocab_size, self.device)
+        self.runner = ModelRunner(self.model, pool, self.spec.vocab_size, self.device, self.config.max_num_seqs)
         if capture_graphs and self._uses_cuda_graphs():
             self._capture_decode_graphs()
 
@@ -209,6 +209,7 @@ class Worker:
         """Applies the plan's changes, runs the step; rank 0 returns the drawn tokens (and the logprobs asked
         for), other ranks None."""
         self.sequences.apply(plan)
+        self.runner.sampling_batch.apply(plan)
         if plan.block_copies:
             self.runner.kv_pool.copy_blocks(plan.block_copies)
         if plan.chunks:

@@ -332,7 +332,8 @@ def test_row_does_not_depend_on_the_batch(impl: str) -> None:
 def test_sampler_takes_the_triton_path_when_forced(monkeypatch) -> None:
     from rayinfer.scheduler import SamplingParams
     from rayinfer.workers.step_plan import SampleRequest
-    from rayinfer.workers.sampler import Sampler, SamplingTensors
+    from rayinfer.workers.sampler import Sampler
+    from rayinfer.workers.sampling_batch import build_sampling_tensors
 
     rng = random.Random(17)
     vocab = 300
@@ -346,7 +347,7 @@ def test_sampler_takes_the_triton_path_when_forced(monkeypatch) -> None:
     ]
     rows = [SampleRequest(choices[i % len(choices)].sampling_options(), rng.randrange(2**63), [1], [2], []) for i in range(8)]
     logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(4)) * 3
-    t = SamplingTensors.build(rows, vocab, "cpu")
+    t = build_sampling_tensors(rows, vocab, "cpu")
     monkeypatch.setenv("RAYINFER_KERNEL_BACKEND", "torch")
     on_torch = Sampler()(logits, t)
     monkeypatch.setenv("RAYINFER_KERNEL_BACKEND", "triton")

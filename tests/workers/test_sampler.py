@@ -12,12 +12,8 @@ import torch
 
 from rayinfer.scheduler import SamplingParams
 from rayinfer.workers.step_plan import SampleRequest
-from rayinfer.workers.sampler import (
-    Sampler,
-    SamplingTensors,
-    apply_penalties,
-    counter_uniforms,
-)
+from rayinfer.workers.sampler import Sampler, apply_penalties, counter_uniforms
+from rayinfer.workers.sampling_batch import build_sampling_tensors
 
 M64 = (1 << 64) - 1
 
@@ -27,7 +23,7 @@ def _row(params: SamplingParams, seed: int = 0, prompt=(), output=(), stop_ids=(
 
 
 def _sample(logits: torch.Tensor, rows: list[SampleRequest]) -> torch.Tensor:
-    return Sampler()(logits, SamplingTensors.build(rows, logits.shape[1], "cpu"))
+    return Sampler()(logits, build_sampling_tensors(rows, logits.shape[1], "cpu"))
 
 
 def _ref_mix(x: int) -> int:
@@ -77,14 +73,14 @@ def test_greedy_is_argmax_for_any_dtype() -> None:
 
 
 def test_build_sets_only_what_the_batch_needs() -> None:
-    t = SamplingTensors.build([_row(SamplingParams(temperature=0.0, top_k=5))], 50, "cpu")
+    t = build_sampling_tensors([_row(SamplingParams(temperature=0.0, top_k=5))], 50, "cpu")
     assert t.all_greedy and not (t.any_top_k or t.any_top_p or t.any_min_p or t.any_penalty)
-    assert t.prompt_token_ids is None and t.output_token_ids is None and t.banned_token_ids is None
-    t = SamplingTensors.build(
+    assert t.prompt_seen is None and t.output_counts is None and t.banned_token_ids is None
+    t = build_sampling_tensors(
         [_row(SamplingParams(top_k=100, presence_penalty=0.5), output=[1]), _row(SamplingParams(top_p=0.5))], 50, "cpu"
     )
     assert not t.all_greedy and not t.any_top_k and t.any_top_p and t.any_penalty
-    assert t.prompt_token_ids is None and t.output_token_ids is not None
+    assert t.prompt_seen is None and t.output_counts is not None
     assert t.top_ks.tolist() == [50, 50]
 
 
@@ -118,7 +114,7 @@ def test_penalties_match_loop_reference() -> None:
         rows.append(_row(params, seed=i, prompt=prompt, output=output))
     rows.append(_row(SamplingParams(), prompt=[1, 2], output=[3]))  # no penalty: must come back exact
     logits = torch.randn(len(rows), vocab) * 3
-    t = SamplingTensors.build(rows, vocab, "cpu")
+    t = build_sampling_tensors(rows, vocab, "cpu")
     got = apply_penalties(logits.clone(), t)
     expected = _reference_penalties(logits, rows)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
@@ -137,7 +133,7 @@ def test_stop_ids_banned_until_min_tokens() -> None:
         _row(params, output=[2, 2], stop_ids=[1]),  # reached min_tokens: free again
     ]
     assert _sample(logits, rows).tolist() == [3, 2, 1]
-    t = SamplingTensors.build([rows[2]], 4, "cpu")
+    t = build_sampling_tensors([rows[2]], 4, "cpu")
     assert t.banned_token_ids is None
 
 
@@ -191,7 +187,7 @@ def test_draws_follow_the_distribution() -> None:
     assert _chi_square(torch.bincount(drawn, minlength=6).double(), logits.double().softmax(-1)) < 25.0
     # Across positions of one seed, with temperature and top-k (renormalised over the top 3).
     params = SamplingParams(temperature=0.5, top_k=3)
-    t = SamplingTensors.build([_row(params, seed=7)] * n, 6, "cpu")
+    t = build_sampling_tensors([_row(params, seed=7)] * n, 6, "cpu")
     t = dataclasses.replace(t, output_positions=torch.arange(n))
     drawn = Sampler()(logits.expand(n, -1), t)
     expected = torch.cat([(logits[:3].double() / 0.5).softmax(-1), torch.zeros(3, dtype=torch.float64)])
@@ -243,7 +239,7 @@ def test_cuda_draws_match_cpu() -> None:
     torch.manual_seed(2)
     rows = _mixed_rows(64)
     logits = torch.randn(len(rows), 64) * 2
-    on_cuda = Sampler()(logits.cuda(), SamplingTensors.build(rows, 64, "cuda")).cpu()
+    on_cuda = Sampler()(logits.cuda(), build_sampling_tensors(rows, 64, "cuda")).cpu()
     assert torch.equal(on_cuda, _sample(logits, rows))
 
 

@@ -139,7 +139,7 @@ class SamplingBatch:
                     if left == 1:  # min_tokens reached: its stop ids are allowed from now on
                         self._stop_banning(row)
 
-    # ------------------------------------------------------------ rows
+    # ------------------------------------------------------------ writing and freeing rows
     def _add(self, new_sequences: list[NewSequence]) -> None:
         rows, floats, ints = [], [], []
         for new in new_sequences:
@@ -225,8 +225,8 @@ class SamplingBatch:
 def build_sampling_tensors(
     requests: Sequence[SampleRequest], vocab_size: int, device: torch.device | str
 ) -> SamplingTensors:
-    """Row i from `requests[i]`, through a batch made for the occasion (tests, benchmarks); the engine keeps one
-    batch across steps instead."""
+    """Row i from `requests[i]`, through a batch made for the occasion (what tests of the sampler need); the engine
+    keeps one batch across steps instead."""
     if not requests:
         raise ValueError("build_sampling_tensors needs at least one request")
     batch = SamplingBatch(vocab_size, device, capacity=len(requests))

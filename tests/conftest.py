@@ -76,17 +76,22 @@ def stream_deltas():
 
 @pytest.fixture(scope="session")
 def run_to_end():
-    """Returns run(engine) -> {request_id: whole output}: steps the engine until no request is left, assembling
-    each finished request's output from its deltas."""
+    """Returns run(engine, earlier=()) -> {request_id: whole output}: steps the engine until no request is left,
+    assembling each finished request's output from its deltas (after `earlier`, deltas the caller already took)."""
     from rayinfer.scheduler.outputs import OutputAssembler
 
-    def run(engine):
+    def run(engine, earlier=()):
         assembler, finals = OutputAssembler(), {}
-        while engine.has_unfinished_requests():
-            for delta in engine.step():
+
+        def add(deltas):
+            for delta in deltas:
                 output = assembler.add(delta)
                 if output is not None:
                     finals[output.request_id] = output
+
+        add(earlier)
+        while engine.has_unfinished_requests():
+            add(engine.step())
         return finals
 
     return run

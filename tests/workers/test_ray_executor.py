@@ -57,10 +57,9 @@ def test_killed_worker_is_replaced_and_outputs_are_unchanged(
         executor = llm.engine.executor
         for i, prompt in enumerate(PROMPTS):
             llm.engine.add_request(str(i), prompt, GREEDY)
-        for _ in range(5):
-            llm.engine.step()
+        earlier = [delta for _ in range(5) for delta in llm.engine.step()]
         os.kill(executor.worker_pids()[1], signal.SIGKILL)
-        finished = run_to_end(llm.engine)
+        finished = run_to_end(llm.engine, earlier)
         assert executor.generation == 2, "the worker group was not replaced"
         assert [finished[str(i)].outputs[0].token_ids for i in range(len(PROMPTS))] == [
             o.outputs[0].token_ids for o in reference
@@ -148,10 +147,9 @@ def test_logprobs_through_pipelined_workers_survive_a_restart(
     try:
         for i, (prompt, p) in enumerate(zip(PROMPTS, params)):
             llm.engine.add_request(str(i), prompt, p)
-        for _ in range(3):  # the longer prompts are still in prefill
-            llm.engine.step()
+        earlier = [delta for _ in range(3) for delta in llm.engine.step()]  # the longer prompts are still in prefill
         os.kill(llm.engine.executor.worker_pids()[1], signal.SIGKILL)
-        finished = run_to_end(llm.engine)
+        finished = run_to_end(llm.engine, earlier)
         assert llm.engine.executor.generation == 2, "the worker group was not replaced"
     finally:
         llm.shutdown()

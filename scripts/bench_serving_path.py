@@ -122,17 +122,16 @@ def run_offline(args: argparse.Namespace, model: str, prompt_ids: list[int]) -> 
     try:
         for i in range(args.warmup + args.repeats):
             time.sleep(args.pause)
-            request_id, arrivals, seen = f"offline-{i}", [], 0
+            request_id, arrivals = f"offline-{i}", []
             start = time.perf_counter()
             engine.add_request(request_id, None, params, prompt_token_ids=prompt_ids)
             while engine.has_unfinished_requests():
-                outputs = engine.step()
+                deltas = engine.step()  # each carries only the tokens its step added
                 now = time.perf_counter()
-                for out in outputs:
-                    n = len(out.outputs[0].token_ids)
-                    if out.request_id == request_id and n > seen:
-                        arrivals.append((now, n - seen))
-                        seen = n
+                for delta in deltas:
+                    n = sum(len(completion.token_ids) for completion in delta.outputs)
+                    if delta.request_id == request_id and n:
+                        arrivals.append((now, n))
             if i >= args.warmup:
                 timings.append(request_timing(start, arrivals))
     finally:

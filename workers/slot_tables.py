@@ -8,11 +8,13 @@ requests with, say, long allowed_token_ids lists gives its memory back when they
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor
 
 
-class SlotTable:
+class SlotTable(ABC):
     """Hands out slots 1.. of a table whose storage the subclass keeps, growing it when they run out."""
 
     def __init__(self, device: torch.device) -> None:
@@ -36,10 +38,10 @@ class SlotTable:
             self._free = []
             self._resize(0)
 
+    @abstractmethod
     def _resize(self, num_slots: int) -> None:
         """Reallocates the storage for `num_slots` rows (0: drop it), keeping the rows it had; new rows are
         neutral."""
-        raise NotImplementedError
 
 
 def _resized(table: Tensor | None, rows: int, width: int, fill: float | int | bool, dtype: torch.dtype,

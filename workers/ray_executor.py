@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 
 import ray
@@ -18,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayinfer.configs import EngineConfig
 from rayinfer.workers.executor_interface import Executor, WorkerGroupFailure
+from rayinfer.workers.step_channel import StepChannel, StepServer
 from rayinfer.workers.step_output import StepOutput
 from rayinfer.workers.step_plan import StepPlan
 from rayinfer.workers.model_config import ModelSpec
@@ -29,8 +31,8 @@ PLACEMENT_TIMEOUT_S = 60.0
 SETUP_TIMEOUT_S = 300.0
 # Steps to GPU workers go through a Ray compiled graph: shared-memory channels cost a fraction of an actor
 # call, but each worker then polls its channel and keeps a CPU core busy even when idle. That is cheap beside a
-# GPU and ruinous on a CPU-only machine, whose workers use plain (pipelined) actor calls instead.
-# RAYINFER_RAY_COMPILED_GRAPH=1 or 0 forces the choice.
+# GPU and ruinous on a CPU-only machine, whose workers take their steps over a `StepChannel` instead (a blocking
+# connection per rank, as cheap per step). RAYINFER_RAY_COMPILED_GRAPH=1 or 0 forces the choice.
 COMPILED_GRAPH_ENV = "RAYINFER_RAY_COMPILED_GRAPH"
 # GPU workers are sent the next step before the current one ends (the engine plans it while they compute). CPU
 # workers are not: there the planning competes for the cores the worker computes on, and a request that arrives
@@ -52,6 +54,26 @@ class _GraphStep:
     refs: list
 
 
+@dataclass
+class _ChannelStep:
+    """A step sent over the step channel: its sequence number there."""
+
+    number: int
+
+
+class WorkerActor(Worker):
+    """A rank run as a Ray actor: a `Worker` that can also take its steps over a `StepChannel`."""
+
+    def listen_for_steps(self, authkey: bytes) -> tuple[str, int]:
+        """Opens this rank's end of the step channel; returns the address the engine connects to."""
+        self._step_server = StepServer(ray.util.get_node_ip_address(), authkey)
+        return self._step_server.address
+
+    def serve_steps(self) -> None:
+        """Runs the engine's steps (and calls) until it closes the channel, on the actor's main thread."""
+        self._step_server.serve(self.execute, lambda method, args: getattr(self, method)(*args))
+
+
 class RayExecutor(Executor):
     def __init__(
         self, config: EngineConfig, spec: ModelSpec, max_model_len: int, max_num_batched_tokens: int, engine_id: str
@@ -69,6 +91,9 @@ class RayExecutor(Executor):
         self.generation = 0
         self.workers: list[ray.actor.ActorHandle] = []
         self._graph = None
+        self._channel: StepChannel | None = None
+        self._serving: list = []  # the workers' `serve_steps` calls, which end when the channel closes
+        self._pids: list[int] = []
         self.num_blocks = self._start_workers(required_blocks=None)
 
     def _placement_group(self) -> tuple[PlacementGroup, bool]:
@@ -88,7 +113,7 @@ class RayExecutor(Executor):
 
     def _start_workers(self, required_blocks: int | None) -> int:
         world = self.config.tensor_parallel_size
-        remote_worker = ray.remote(Worker)
+        remote_worker = ray.remote(WorkerActor)
         self.generation += 1
         self.workers = []
         for rank, bundle in enumerate(self.bundles):
@@ -114,12 +139,21 @@ class RayExecutor(Executor):
             if min(counts) < num_blocks or num_blocks < 1:
                 raise WorkerGroupFailure(f"workers report room for {counts} KV blocks; {num_blocks} are needed")
             ray.get([w.init_cache.remote(num_blocks, True) for w in self.workers], timeout=SETUP_TIMEOUT_S)
+            self._pids = ray.get([w.pid.remote() for w in self.workers], timeout=SETUP_TIMEOUT_S)
+            self._graph = self._compile_step_graph() if self._on_for_gpu_workers(COMPILED_GRAPH_ENV) else None
+            if self._graph is None:
+                self._open_channel()
         except (RayError, GetTimeoutError, WorkerGroupFailure) as exc:
             self._replace_failed_group()
             raise WorkerGroupFailure(f"starting the worker group failed: {exc}") from exc
         logger.info("engine %s: %d workers up (generation %d), %d KV blocks", self.engine_id, world, self.generation, num_blocks)
-        self._graph = self._compile_step_graph() if self._on_for_gpu_workers(COMPILED_GRAPH_ENV) else None
         return num_blocks
+
+    def _open_channel(self) -> None:
+        key = secrets.token_bytes(32)
+        addresses = ray.get([w.listen_for_steps.remote(key) for w in self.workers], timeout=SETUP_TIMEOUT_S)
+        self._serving = [w.serve_steps.remote() for w in self.workers]
+        self._channel = StepChannel(addresses, key)
 
     def _on_for_gpu_workers(self, env_var: str) -> bool:
         """A choice that is on for GPU workers and off for CPU ones unless `env_var` is 1 or 0."""
@@ -146,9 +180,16 @@ class RayExecutor(Executor):
         try:
             if self._graph is not None:
                 return _GraphStep(self._graph.execute(plan))
-            return [w.execute.remote(plan) for w in self.workers]
+            return _ChannelStep(self._live_channel().send(plan))
         except RayError as exc:
             return WorkerGroupFailure(f"a worker of engine {self.engine_id} failed: {exc}")
+        except WorkerGroupFailure as exc:
+            return exc
+
+    def _live_channel(self) -> StepChannel:
+        if self._channel is None:
+            raise WorkerGroupFailure(f"engine {self.engine_id} has no worker group")
+        return self._channel
 
     def result(self, handle: object) -> StepOutput:
         if isinstance(handle, WorkerGroupFailure):
@@ -156,23 +197,20 @@ class RayExecutor(Executor):
         try:
             if isinstance(handle, _GraphStep):
                 return ray.get(handle.refs)[0]  # every rank's output must be read for the graph to go on
-            pending = list(handle)
-            # Wait on all at once, so a dead rank is noticed even while the others block in a collective.
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                ray.get(ready)
-            return ray.get(handle[0])
+            return self._live_channel().receive(handle.number)  # type: ignore[attr-defined, return-value]
         except RayActorError as exc:
             raise WorkerGroupFailure(f"a worker of engine {self.engine_id} died: {exc}") from exc
         except RayError as exc:
             raise WorkerGroupFailure(f"a worker of engine {self.engine_id} failed: {exc}") from exc
 
     def worker_pids(self) -> list[int]:
-        return ray.get([w.pid.remote() for w in self.workers])
+        return list(self._pids)
 
     def call_workers(self, method: str, *args: object) -> list[object]:
-        """Runs a Worker method on every rank (diagnostics and tests)."""
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        """Runs a Worker method on every rank between steps (diagnostics and tests)."""
+        if self._graph is not None:
+            return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        return self._live_channel().call(method, *args)
 
     def restart(self) -> None:
         self._replace_failed_group()
@@ -195,6 +233,10 @@ class RayExecutor(Executor):
                 logger.debug("compiled graph teardown: %s", exc)
 
     def _kill_workers(self) -> None:
+        if self._channel is not None:
+            self._channel.close()  # the workers' serve_steps calls end
+            self._channel = None
+        self._serving = []
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)

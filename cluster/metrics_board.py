@@ -1,6 +1,7 @@
-"""Where engine replicas leave their metrics snapshots for the ingress: Ray's cluster key-value store (GCS).
+"""Where engine replicas leave their metrics snapshots for whichever replica answers `/metrics`: Ray's cluster
+key-value store (GCS).
 
-A Serve handle reaches one replica per call, so the ingress cannot ask every replica for its numbers; instead
+Serve's proxy sends a scrape to one replica, which cannot ask every other replica for its numbers; instead
 each replica writes its snapshot under its own key every `PUBLISH_INTERVAL_S`, and readers take every key of
 the application that is fresh. A replica that died stops refreshing its key and drops out after `STALE_AFTER_S`.
 """

@@ -1,6 +1,5 @@
 """`AsyncEngine`: the engine on a step thread of its own, with an asyncio face that streams each request's output
-deltas. It runs inside a Serve engine replica (`rayinfer.cluster.serve_app.EngineDeployment`); nothing in it
-needs Ray.
+deltas. It runs inside a Serve replica (`rayinfer.cluster.engine_replica.EngineReplica`); nothing in it needs Ray.
 
 Only the step thread touches the engine. Callers' `generate`/`abort` calls post commands to its inbox and
 wait on asyncio futures, so the event loop stays free to stream tokens while a step runs, and the thread
@@ -26,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _Stream:
+    """The step thread's end of a request's stream: where its deltas go."""
+
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue
 
@@ -39,6 +40,33 @@ class _Stream:
         except RuntimeError:  # the loop was closed
             return False
         return True
+
+
+class RequestStream:
+    """A request's output deltas as the engine makes them (`async for`); it ends after the delta that finishes the
+    request. `cancel()` aborts the request, freeing its blocks at once; it may be called at any time, from the
+    event loop the request was opened on."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._outputs = outputs
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        delta = await self._outputs.get()
+        self.finished = delta.finished
+        return delta
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine._post(("abort", self.request_id))
 
 
 class AsyncEngine:
@@ -60,20 +88,31 @@ class AsyncEngine:
         prompt_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Streams the request's output deltas; a bad request raises InvalidRequestError before anything streams."""
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
-        accepted = loop.create_future()
-        self._post(("add", request_id, prompt, params, prompt_token_ids, stream, accepted))
-        await accepted
-        finished = False
+        stream = await self.open(request_id, prompt, params, prompt_token_ids)
         try:
-            while not finished:
-                delta = await stream.outputs.get()
-                finished = delta.finished
+            async for delta in stream:
                 yield delta
         finally:
-            if not finished:  # the client went away: free the request's blocks at once
-                self._post(("abort", request_id))
+            stream.cancel()  # the client went away (or nothing: it finished): free the request's blocks at once
+
+    async def open(
+        self,
+        request_id: str,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+    ) -> RequestStream:
+        """Adds the request and returns its stream; a bad request raises InvalidRequestError."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        accepted = loop.create_future()
+        self._post(("add", request_id, prompt, params, prompt_token_ids, _Stream(loop, outputs), accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:  # the caller left while the request was being added: take it back
+            self._post(("abort", request_id))
+            raise
+        return RequestStream(self, request_id, outputs)
 
     async def abort(self, request_id: str) -> None:
         self._post(("abort", request_id))

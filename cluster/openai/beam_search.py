@@ -1,8 +1,8 @@
-"""A `use_beam_search` request, searched from the ingress.
+"""A `use_beam_search` request, searched by the replica that received it.
 
 The search is `rayinfer.cluster.beam_search` (the loop `LLM.beam_search` runs); here each of its steps is one
-engine call per live beam (`max_tokens=1`, the candidates as logprobs), all of a step's calls at once, so the
-beams spread over the engine replicas. The answer is known only at the end, so a streamed beam search sends it
+engine request per live beam (`max_tokens=1`, the candidates as logprobs), all of a step's requests at once, so
+they share one batch and the prompt's cached blocks. The answer is known only at the end, so a streamed beam search sends it
 as one chunk (then the usage chunk if asked, and `[DONE]`), as a `best_of` stream does.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _candidates_per_beam(renderer: Renderer, params: BeamSearchParams, info: dic
 
 async def serve_beam_search(engine: Any, info: dict[str, Any], renderer: Renderer) -> Any:
     """Each prompt's search, every step an engine call per live beam; `info` is the engine's limits
-    (`EngineDeployment.info`)."""
+    (`EngineReplica.info`)."""
     body, prompts, max_model_len = renderer.body, renderer.prompts, info["max_model_len"]
     try:
         params = [to_beam_search_params(body, max_model_len - len(ids)) for _, ids in prompts]

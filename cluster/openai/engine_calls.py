@@ -1,6 +1,6 @@
-"""How the ingress calls the engine replicas: one streamed `generate` call per prompt (or beam), its first delta
-awaited before the HTTP status is chosen, whole outputs assembled from deltas, several streams merged as their
-deltas come, and calls cancelled (which aborts their requests) when the client goes away or one fails."""
+"""How the routes use their replica's engine: one stream of deltas per prompt (or beam), its first delta awaited
+before the HTTP status is chosen, whole outputs assembled from deltas, several streams merged as their deltas
+come, and streams cancelled (which aborts their requests) when the client goes away or one fails."""
 from __future__ import annotations
 
 import asyncio
@@ -14,16 +14,14 @@ from rayinfer.scheduler.sampling_params import SamplingParams
 def open_stream(
     engine: Any, request_id: str, prompt: Optional[str], params: SamplingParams, prompt_token_ids: list[int]
 ) -> Any:
-    """A streamed `EngineDeployment.generate` call: an async iterator of the request's deltas."""
-    return engine.options(stream=True).generate.remote(request_id, prompt, params, prompt_token_ids)
+    """The request's deltas from `engine` (an `EngineReplica`): an async iterator whose first step adds the request
+    and whose `cancel()` aborts it."""
+    return engine.stream(request_id, prompt, params, prompt_token_ids)
 
 
 def cancel(streams: list) -> None:
     for stream in streams:
-        try:
-            stream.cancel()
-        except Exception:  # cancel() re-raises why the call failed (refused, say): it is over either way
-            pass
+        stream.cancel()
 
 
 async def first_deltas(streams: list) -> list[RequestOutput]:

@@ -2,8 +2,9 @@
 or as a stream's error event, and the status each failure answers with.
 
 A refusal carries its field as data from where it is raised (`SamplingParams`, the engine's request checks, the
-ingress's own) to here: `InvalidRequestError` answers 400 with `param` its field, renamed to the client's name
-for it (`sampling_fields.blame`). A full engine queue answers 503 with Retry-After; anything else 500.
+routes' own) to here: `InvalidRequestError` answers 400 with `param` its field, renamed to the client's name
+for it (`sampling_fields.blame`); anything else 500. (A full queue is Serve's to answer, in front of the replicas:
+503 with Retry-After, `routes.LLMServer`'s backpressure setting.)
 """
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ from typing import Any, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from ray.exceptions import RayError
-from ray.serve.exceptions import BackPressureError
 
 from rayinfer.cluster.openai.request_models import SamplingRequest
 from rayinfer.cluster.openai.response_models import ErrorInfo, ErrorResponse
@@ -24,9 +23,6 @@ from rayinfer.cluster.openai.sampling_fields import blame
 from rayinfer.scheduler.request_errors import InvalidRequestError, request_error_of
 
 logger = logging.getLogger(__name__)
-
-RETRY_AFTER_S = 1
-
 
 def error_body(message: str, type_: str, param: Optional[str] = None, code: Union[int, str, None] = None) -> dict:
     """`{"error": {"message", "type", "param", "code"}}`, e.g. type_ "invalid_request_error", code 400."""
@@ -53,15 +49,11 @@ def engine_ended(reason: str) -> JSONResponse:
 def engine_failure(
     exc: BaseException, body: Optional[SamplingRequest] = None, renames: Optional[Mapping[str, str]] = None
 ) -> JSONResponse:
-    """The response for an engine call that raised: refused (400, blaming `body`'s field), queued out (503) or
-    failed (500)."""
+    """The response for an engine request that raised: refused (400, blaming `body`'s field) or failed (500)."""
     refusal = request_error_of(exc)
     if refusal is not None:
         return invalid_request(blame(body, refusal, renames) if body is not None else refusal)
-    if isinstance(exc, BackPressureError):
-        return error_response(503, "the server is at capacity: too many requests are queued; retry shortly",
-                              type_="service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})
-    if isinstance(exc, ValueError):  # refused by a check that names no field (Ray keeps the ValueError class)
+    if isinstance(exc, ValueError):  # refused by a check that names no field
         return error_response(400, str(getattr(exc, "cause", None) or exc))
     logger.error("engine call failed: %s", exc)
     return error_response(500, f"the engine failed this request: {type(exc).__name__}", type_="internal_error")
@@ -102,13 +94,8 @@ def validation_error_body(exc: Any) -> dict:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Malformed bodies answer 400 naming their fields; an engine call outside the generation path (its limits,
-    say) that failed answers as `engine_failure` says."""
+    """Malformed bodies answer 400 naming their fields."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(validation_error_body(exc), status_code=400)
-
-    @app.exception_handler(RayError)
-    async def _engine_call_failed(request: Request, exc: Exception) -> JSONResponse:
-        return engine_failure(exc)

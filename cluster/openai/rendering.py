@@ -32,7 +32,7 @@ from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
 
 SSE_DONE = "data: [DONE]\n\n"
 
-# A prompt as the ingress sends it: its text (None when the client gave token ids) and its token ids.
+# A prompt as the routes give it to the engine: its text (None when the client gave token ids) and its token ids.
 PromptInput = tuple[Optional[str], list[int]]
 # Echo: the prompt's text (None: decode its ids), its ids and logprobs (None: not asked).
 Echo = tuple[Optional[str], list[int], Optional[list]]

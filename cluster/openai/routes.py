@@ -1,13 +1,15 @@
-"""The `Ingress` deployment: the OpenAI-compatible HTTP routes in front of the engine replicas.
+"""The `LLMServer` deployment: one engine replica that serves the OpenAI-compatible HTTP routes itself.
 
-It checks a request's body, tokenizes it (applying the chat template), resolves its sampling settings and calls
-the engine deployment once per prompt, then answers with the whole response or forwards each output delta as a
-server-sent event the moment the engine produces it (no batching interval). What the engine refuses comes back
-as a 400 naming the client's field; the engine's limits (`EngineDeployment.info`) are fetched once and kept.
+Serve's HTTP proxy hands each request to a replica; the replica checks its body, tokenizes it (applying the chat
+template), resolves its sampling settings and adds one engine request per prompt to its own engine
+(`EngineReplica`), then answers with the whole response or sends each output delta as a server-sent event the
+moment the engine produces it (no batching interval). What the engine refuses comes back as a 400 naming the
+client's field. The routes and the engine share a replica because each hop between Serve replicas costs a Ray
+call per token: with a separate ingress deployment in front, the serving path added 5-8 ms to every token of
+llama-56m on the 2-core machine (BENCHMARKS.md, serving path).
 """
 # No `from __future__ import annotations` here: Serve pickles the decorated class by value, with only the globals
 # its code names, so FastAPI could not resolve a body's type from its name; real annotations travel with it.
-import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, Optional
@@ -15,7 +17,9 @@ from typing import Any, Optional
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
+from rayinfer.cluster.engine_replica import EngineReplica
 from rayinfer.cluster.metrics import render_prometheus
 from rayinfer.cluster.openai.beam_search import serve_beam_search
 from rayinfer.cluster.openai.engine_calls import cancel, first_deltas, merged, open_stream, whole_output
@@ -44,9 +48,14 @@ from rayinfer.cluster.openai.response_models import (
     random_id,
 )
 from rayinfer.cluster.openai.sampling_fields import to_sampling_params
+from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.request_errors import InvalidRequestError
 
-INGRESS_MAX_ONGOING_REQUESTS = 2048
+# Serve's default of 5 ongoing requests per replica would starve continuous batching; the queue in front of the
+# replicas is bounded so that overload answers 503 (with Retry-After) instead of growing without limit.
+MAX_ONGOING_REQUESTS = 256
+MAX_QUEUED_REQUESTS = 1024
+RETRY_AFTER_S = 1
 
 # Serve pickles a deployment's class when it is decorated: the app, its handlers and every helper the class calls
 # must exist by then (here, above it, or in modules it imports).
@@ -72,24 +81,32 @@ async def _sse(renderer: Renderer, firsts: list, streams: list) -> AsyncIterator
     yield SSE_DONE
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)
+@serve.deployment(
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    max_queued_requests=MAX_QUEUED_REQUESTS,
+    backpressure_config=BackpressureConfig(status_code=503, retry_after_s=RETRY_AFTER_S),
+)
 @serve.ingress(app)
-class Ingress:
-    def __init__(self, engine: Any, served_model_name: str, tokenizer_path: str) -> None:
+class LLMServer:
+    """Serve adds and removes whole replicas, each with its engine and workers. `engine_factory` builds the engine
+    from `config` (an `EngineReplica` unless a test stands one in)."""
+
+    def __init__(self, config: EngineConfig, served_model_name: str, engine_factory: Any = None) -> None:
         from transformers import AutoTokenizer
 
-        self.engine = engine
+        self.engine = (engine_factory or EngineReplica)(config)
         self.model_name = served_model_name
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        self._engine_info: Optional[dict[str, Any]] = None
-        self._info_lock = asyncio.Lock()
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
+        self._engine_info = self.engine.info()
 
-    async def _info(self) -> dict[str, Any]:
-        """The engine's limits (`EngineDeployment.info`), fetched by one call however many requests come first."""
-        async with self._info_lock:
-            if self._engine_info is None:
-                self._engine_info = await self.engine.info.remote()
-        return self._engine_info
+    def check_health(self) -> None:
+        self.engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
 
     def _unknown_model(self, model: Optional[str]) -> Optional[JSONResponse]:
         if model is not None and model != self.model_name:
@@ -113,7 +130,7 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self) -> dict:
-        max_model_len = (await self._info())["max_model_len"]
+        max_model_len = self._engine_info["max_model_len"]
         return ModelList(data=[ModelCard(id=self.model_name, root=self.model_name, max_model_len=max_model_len)]
                          ).model_dump()
 
@@ -124,7 +141,7 @@ class Ingress:
         text = body.prompt if body.prompt is not None else self._chat_text(body.messages, body.add_generation_prompt)
         tokens = self.tokenizer.encode(text, add_special_tokens=body.use_special_tokens)
         strs = self.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
-        return TokenizeResponse(count=len(tokens), max_model_len=(await self._info())["max_model_len"],
+        return TokenizeResponse(count=len(tokens), max_model_len=self._engine_info["max_model_len"],
                                 tokens=tokens, token_strs=strs)
 
     @app.post("/detokenize")
@@ -160,10 +177,7 @@ class Ingress:
 
     async def _serve(self, body: SamplingRequest, prompts: list[PromptInput]) -> Any:
         """One request's prompts through the engine; whether each fits the context is the engine's to say."""
-        try:
-            info = await self._info()
-        except Exception as exc:
-            return engine_failure(exc)
+        info = self._engine_info
         prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
         request_ids = [random_id(prefix) for _ in prompts]
         renderer = Renderer(body, self.model_name, self.tokenizer, prompts, response_id=request_ids[0])

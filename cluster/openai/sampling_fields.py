@@ -5,7 +5,7 @@ Value ranges are `SamplingParams`' to check; its refusals, and the engine's when
 engine's field name (`InvalidRequestError.field`), which `blame` renames to the one the client sent: a chat
 request's `logprobs` is its `top_logprobs`, a completion's `prompt_logprobs` its `logprobs`.
 
-The ingress resolves `max_tokens` against the room the prompt leaves in the context (`room`, max_model_len -
+The routes resolve `max_tokens` against the room the prompt leaves in the context (`room`, max_model_len -
 prompt length): a completion's implicit 16 shrinks to fit, an explicit value that does not fit is refused, and
 an unset one takes the whole room. Whether the prompt itself fits is the engine's to say.
 """

@@ -31,7 +31,7 @@ def log(message: str) -> None:
 def engine_replicas() -> dict[str, int]:
     """Replica count per state ("RUNNING", "STARTING", ...) of the engine deployment."""
     app = serve.status().applications.get(APP)
-    deployment = app.deployments.get("EngineDeployment") if app else None
+    deployment = app.deployments.get("LLMServer") if app else None
     return {str(getattr(k, "value", k)): v for k, v in deployment.replica_states.items()} if deployment else {}
 
 
@@ -114,7 +114,7 @@ def main() -> int:
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": args.http_port})
     # device="cpu" explicitly: with "auto" the fake GPU would make the engine ask for a GPU bundle.
     config = EngineConfig(model=str(default_tiny_model_dir()), device="cpu", max_num_seqs=8)
-    options = {"EngineDeployment": {
+    options = {"LLMServer": {
         "max_ongoing_requests": 4,
         "autoscaling_config": {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,

@@ -42,7 +42,7 @@ def test_serve_flags_override_the_config_file(llama_dir: Path) -> None:
     assert (host, port) == ("127.0.0.1", 9100)  # host from the file, port from the flag
     assert apps[0].args["model"] == str(llama_dir) and apps[0].args["max_num_seqs"] == "4"
     assert apps[0].args["served_model_name"] == "tiny" and apps[0].args["device"] == "cpu"
-    assert apps[0].deployment_options["EngineDeployment"]["autoscaling_config"]["max_replicas"] == 2
+    assert apps[0].deployment_options["LLMServer"]["autoscaling_config"]["max_replicas"] == 2
 
 
 def test_serve_refuses_bad_engine_args_before_starting_ray(capsys) -> None:

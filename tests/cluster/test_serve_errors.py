@@ -1,8 +1,9 @@
-"""Engine-side failures as the HTTP client sees them, behind an engine stand-in that fails on cue.
+"""Engine-side failures as the HTTP client sees them, from an `LLMServer` whose engine is a stand-in that fails on
+cue.
 
-A refusal answers 400 naming the client's field (carried as data through Ray, never parsed from the message), a
-full queue answers 503 with Retry-After, an engine that raises or ends a request with an error answers 500 (an
-error event once a stream has started), and none of it stops the server from serving the next request.
+A refusal answers 400 naming the client's field (carried as data, never parsed from the message), a full queue
+answers 503 with Retry-After (Serve's proxy, before the replica), an engine that raises or ends a request with an error answers 500 (an error event
+once a stream has started), and none of it stops the server from serving the next request.
 """
 from __future__ import annotations
 
@@ -32,13 +33,41 @@ def _output(text: str, finished: bool, error: str | None = None) -> RequestOutpu
     return RequestOutput("r", None, [1, 2], outputs=[completion], finished=finished, error=error)
 
 
-# One request at a time and one waiting: a third concurrent request finds the queue full.
-@serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+class CuedStream:
+    """What `EngineReplica.stream` returns: the request's deltas, and `cancel()`."""
+
+    def __init__(self, deltas) -> None:
+        self._deltas = deltas
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self._deltas.__anext__()
+
+    def cancel(self) -> None:
+        pass
+
+
 class CuedEngine:
+    """Stands in for `EngineReplica`: the prompt says what to do."""
+
+    def __init__(self, config) -> None:
+        pass
+
     def info(self) -> dict:
         return {"max_model_len": 512, "model": "cued"}
 
-    async def generate(self, request_id, prompt, params, prompt_token_ids):
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+    def stream(self, request_id, prompt, params, prompt_token_ids) -> CuedStream:
+        return CuedStream(self._generate(prompt))
+
+    async def _generate(self, prompt):
         if prompt == "refuse":  # as the engine refuses an echo request's prompt logprobs over its cap
             raise InvalidRequestError.about("prompt_logprobs", "5 requested, but this engine's max_logprobs is 2")
         if prompt == "crash":
@@ -56,9 +85,12 @@ class CuedEngine:
 
 @pytest.fixture(scope="module")
 def cued(serve_instance: str, llama_dir: Path) -> str:
-    from rayinfer.cluster.openai.routes import Ingress
+    from rayinfer.cluster.openai.routes import LLMServer
+    from rayinfer.configs import EngineConfig
 
-    app = Ingress.bind(CuedEngine.bind(), "cued", str(llama_dir))
+    # One request at a time and one waiting: a third concurrent request finds the queue full.
+    server = LLMServer.options(max_ongoing_requests=1, max_queued_requests=1)
+    app = server.bind(EngineConfig(model=str(llama_dir)), "cued", CuedEngine)
     serve.run(app, name="cued", route_prefix="/cued")
     yield f"{serve_instance}/cued"
     serve.delete("cued")
@@ -121,9 +153,8 @@ def test_full_queue_is_503_with_retry_after(cued: str) -> None:
         thread.join(timeout=60)
     statuses = sorted(r.status_code for r in replies)
     assert statuses.count(200) >= 1 and statuses.count(503) >= 1 and set(statuses) <= {200, 503}, statuses
-    for reply in replies:
+    for reply in replies:  # Serve's proxy refuses them, in front of the replica
         if reply.status_code == 503:
-            assert reply.headers.get("content-type", "").startswith("application/json"), (reply.headers, reply.text)
-            _assert_error(reply, 503, "service_unavailable")
+            assert "backpressure" in reply.text and "max_queued_requests=1" in reply.text, reply.text
             assert int(reply.headers["Retry-After"]) >= 1
     assert _complete(cued, "hello").status_code == 200  # capacity came back

@@ -29,7 +29,7 @@ def test_serve_config_is_valid_and_scales(path: Path) -> None:
         engine_args = {k: v for k, v in app.args.items() if k != "served_model_name"}
         engine_args["model"] = engine_args.get("model") or "tiny"
         EngineConfig(**engine_args)
-        engine = app.deployment_options["EngineDeployment"]
+        engine = app.deployment_options["LLMServer"]
         scaling = engine["autoscaling_config"]
         assert scaling["min_replicas"] < scaling["max_replicas"]
         # A replica never holds more than max_ongoing_requests, so a target at or above it never scales out.
@@ -48,8 +48,8 @@ def test_misspelt_key_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="serve.yaml is not a valid Serve config file.*argz"):
         load_serve_config(path)
     deployment = "applications:\n  - name: a\n    import_path: " + APP_BUILDER + "\n    deployments:\n" \
-                 "      - name: EngineDeployment\n        autoscaling_confg: {max_replicas: 2}\n"
-    with pytest.raises(ValueError, match="autoscaling_confg in deployment 'EngineDeployment'"):
+                 "      - name: LLMServer\n        autoscaling_confg: {max_replicas: 2}\n"
+    with pytest.raises(ValueError, match="autoscaling_confg in deployment 'LLMServer'"):
         load_serve_config(_write(tmp_path, deployment))
 
 

@@ -85,6 +85,10 @@ class StepServer:
                 except OSError:
                     return
 
+    def close(self) -> None:
+        """Stops listening (a worker whose engine never connected)."""
+        self._listener.close()
+
 
 class StepChannel:
     """Engine side: sends each plan to every rank and reads their replies in the order the plans were sent."""

@@ -27,12 +27,12 @@ def build_app(
     from rayinfer.workers.ray_executor import worker_bundles
 
     options = deployment_options or {}
-    if config.distributed_executor_backend is None:
-        config = config.model_copy(update={"distributed_executor_backend": "ray"})
     unknown = set(options) - {LLMServer.name}
-    if unknown:
+    if unknown:  # `EngineDeployment` and `Ingress` were merged into `LLMServer`
         raise ValueError(f"deployments: this application has one deployment, {LLMServer.name!r}; "
                          f"there is no {', '.join(sorted(map(repr, unknown)))}")
+    if config.distributed_executor_backend is None:
+        config = config.model_copy(update={"distributed_executor_backend": "ray"})
     server_options = {
         "placement_group_bundles": worker_bundles(config),
         "placement_group_strategy": config.placement_strategy,

@@ -53,6 +53,13 @@ def test_misspelt_key_names_the_file(tmp_path: Path) -> None:
         load_serve_config(_write(tmp_path, deployment))
 
 
+def test_a_deployment_the_application_does_not_have_is_refused() -> None:
+    from rayinfer.cluster.serve_app import build_app_from_args
+
+    with pytest.raises(ValueError, match="one deployment, 'LLMServer'; there is no 'Ingress'"):
+        build_app_from_args({"model": "tiny"}, deployment_options={"Ingress": {"max_ongoing_requests": 4}})
+
+
 def test_other_applications_are_refused(tmp_path: Path) -> None:
     path = _write(tmp_path, "applications:\n  - name: a\n    import_path: my.module:app\n")
     with pytest.raises(ValueError, match="my.module:app"):

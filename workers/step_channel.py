@@ -7,9 +7,10 @@ connections use `multiprocessing.connection` with a random key per worker group:
 peer that proves it holds the key may send one.
 
 The worker serves its channel on the actor's main thread (a method call that runs until the channel closes), not
-on a thread of its own: a CPU forward on a second thread gets a second OpenMP team, and with more OpenMP threads
-than cores their idle waits stop spinning, which made every small matmul wake its team through the kernel (a
-decode step of llama-56m took 11 ms on a second thread against 7.6 ms on the main one).
+on a thread of its own: a CPU forward on a second thread runs with a second OpenMP team, and MKL matmuls ran
+about 2x slower there on the 2-core machine (also without Ray), probably because with more OpenMP threads than
+cores libgomp stops spinning between parallel regions; a decode step of llama-56m took 11 ms on a second thread
+against 7.6 ms on the main one.
 """
 from __future__ import annotations
 

@@ -47,9 +47,6 @@ class EngineReplica:
     ) -> TimedStream:
         return TimedStream(self, request_id, prompt, params, prompt_token_ids)
 
-    def stats(self) -> dict[str, Any]:
-        return self.engine.stats()
-
     def check_health(self) -> None:
         """Serve replaces a replica whose worker group died beyond repair."""
         if self.engine.engine.failure is not None:

@@ -1,8 +1,8 @@
 """Serving metrics: what each engine replica measures, and the Prometheus text `/metrics` renders from them.
 
 Every engine replica keeps its own counters and latency histograms (`ReplicaMetrics`) and publishes a JSON
-snapshot of them, plus its scheduler's gauges, to the metrics board; `/metrics`, on whichever replica answers, merges the
-snapshots of all live replicas, so the numbers cover the whole deployment however many replicas Serve runs.
+snapshot of them, plus its scheduler's gauges, to the metrics board; `/metrics`, on whichever replica answers,
+merges the snapshots of all live replicas, so the numbers cover the whole deployment however many replicas Serve runs.
 """
 from __future__ import annotations
 

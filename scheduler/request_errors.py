@@ -30,12 +30,3 @@ class InvalidRequestError(ValueError):
 
     def __reduce__(self):
         return type(self), (str(self), self.field, self.reason)
-
-
-def request_error_of(exc: BaseException) -> InvalidRequestError | None:
-    """The refusal inside `exc` (Ray wraps an actor's exception in a task error whose `cause` is the original)."""
-    cause = getattr(exc, "cause", None)
-    for candidate in (cause, exc):
-        if isinstance(candidate, InvalidRequestError):
-            return candidate
-    return None

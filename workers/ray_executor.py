@@ -92,7 +92,6 @@ class RayExecutor(Executor):
         self.workers: list[ray.actor.ActorHandle] = []
         self._graph = None
         self._channel: StepChannel | None = None
-        self._serving: list = []  # the workers' `serve_steps` calls, which end when the channel closes
         self._pids: list[int] = []
         self.num_blocks = self._start_workers(required_blocks=None)
 
@@ -152,7 +151,8 @@ class RayExecutor(Executor):
     def _open_channel(self) -> None:
         key = secrets.token_bytes(32)
         addresses = ray.get([w.listen_for_steps.remote(key) for w in self.workers], timeout=SETUP_TIMEOUT_S)
-        self._serving = [w.serve_steps.remote() for w in self.workers]
+        for worker in self.workers:
+            worker.serve_steps.remote()  # returns when the channel closes; nothing to read from it
         self._channel = StepChannel(addresses, key)
 
     def _on_for_gpu_workers(self, env_var: str) -> bool:
@@ -236,7 +236,6 @@ class RayExecutor(Executor):
         if self._channel is not None:
             self._channel.close()  # the workers' serve_steps calls end
             self._channel = None
-        self._serving = []
         for worker in self.workers:
             try:
                 ray.kill(worker, no_restart=True)

@@ -2,8 +2,8 @@
 
 The search is `rayinfer.cluster.beam_search` (the loop `LLM.beam_search` runs); here each of its steps is one
 engine request per live beam (`max_tokens=1`, the candidates as logprobs), all of a step's requests at once, so
-they share one batch and the prompt's cached blocks. The answer is known only at the end, so a streamed beam search sends it
-as one chunk (then the usage chunk if asked, and `[DONE]`), as a `best_of` stream does.
+they share one batch and the prompt's cached blocks. The answer is known only at the end, so a streamed beam
+search sends it as one chunk (then the usage chunk if asked, and `[DONE]`), as a `best_of` stream does.
 """
 from __future__ import annotations
 

@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse
 from rayinfer.cluster.openai.request_models import SamplingRequest
 from rayinfer.cluster.openai.response_models import ErrorInfo, ErrorResponse
 from rayinfer.cluster.openai.sampling_fields import blame
-from rayinfer.scheduler.request_errors import InvalidRequestError, request_error_of
+from rayinfer.scheduler.request_errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
+
 
 def error_body(message: str, type_: str, param: Optional[str] = None, code: Union[int, str, None] = None) -> dict:
     """`{"error": {"message", "type", "param", "code"}}`, e.g. type_ "invalid_request_error", code 400."""
@@ -50,9 +51,8 @@ def engine_failure(
     exc: BaseException, body: Optional[SamplingRequest] = None, renames: Optional[Mapping[str, str]] = None
 ) -> JSONResponse:
     """The response for an engine request that raised: refused (400, blaming `body`'s field) or failed (500)."""
-    refusal = request_error_of(exc)
-    if refusal is not None:
-        return invalid_request(blame(body, refusal, renames) if body is not None else refusal)
+    if isinstance(exc, InvalidRequestError):
+        return invalid_request(blame(body, exc, renames) if body is not None else exc)
     if isinstance(exc, ValueError):  # refused by a check that names no field
         return error_response(400, str(getattr(exc, "cause", None) or exc))
     logger.error("engine call failed: %s", exc)

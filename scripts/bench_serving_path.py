@@ -5,7 +5,10 @@ Offline: the in-process engine (`LLM(model, dtype=...)`), driven by `engine.add_
 token's time is when the step that made it returned. Serving: `rayinfer serve --ray-address local` started as a
 subprocess (or `--base-url` of one already running), one `/v1/completions` request at a time with `stream: true`,
 `ignore_eos: true`, temperature 0, read by a plain `http.client` connection; each token's time is when the network
-read that brought its SSE event returned. Both run the same prompt (`--prompt-len` token ids, from fixed text) for
+read that brought its SSE event returned. `--offline-beside-server` also runs the offline engine while the server is up,
+alternating one offline and one served request, so that both paths share the CPU with the same Ray and Serve
+processes and see the same phases of a noisy machine (on a 2-core VM an idle Ray and Serve alone slowed the
+offline engine's TTFT by 5-20 ms, and runs a minute apart differ by as much). Both run the same prompt (`--prompt-len` token ids, from fixed text) for
 `--max-tokens` tokens, `--warmup` untimed then `--repeats` timed requests, one at a time on an idle engine.
 
 TTFT is from sending (offline: `add_request`) to the first token; ITL is each later token's gap to the one before
@@ -56,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offline-executor", choices=("uni", "ray"), default="uni",
                         help="offline engine's executor: in-process (what LLM() uses) or Ray worker actors")
     parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--offline-beside-server", action="store_true",
+                        help="also run the offline engine while the server is up, one offline and one served "
+                             "request in turn, reported as a second offline row")
     parser.add_argument("--skip-serving", action="store_true")
     parser.add_argument("--base-url", help="measure this running server (served model name from --served-name)")
     parser.add_argument("--served-name", default=SERVED_NAME)
@@ -112,34 +118,52 @@ def summary(timings: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- offline
-def run_offline(args: argparse.Namespace, model: str, prompt_ids: list[int]) -> list[dict]:
+@contextlib.contextmanager
+def offline_engine(args: argparse.Namespace, model: str, prompt_ids: list[int]) -> Iterator:
+    """The in-process engine, as a function that runs one request to its end and returns its timing."""
     from rayinfer.cluster.llm import LLM
     from rayinfer.scheduler.sampling_params import SamplingParams
 
     llm = LLM(model, dtype=args.dtype, distributed_executor_backend=args.offline_executor)
-    engine, timings = llm.engine, []
+    engine, counter = llm.engine, iter(range(1 << 62))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+
+    def run_one() -> dict:
+        request_id, arrivals = f"offline-{next(counter)}", []
+        start = time.perf_counter()
+        engine.add_request(request_id, None, params, prompt_token_ids=prompt_ids)
+        while engine.has_unfinished_requests():
+            deltas = engine.step()  # each carries only the tokens its step added
+            now = time.perf_counter()
+            for delta in deltas:
+                n = sum(len(completion.token_ids) for completion in delta.outputs)
+                if delta.request_id == request_id and n:
+                    arrivals.append((now, n))
+        return request_timing(start, arrivals)
+
     try:
-        for i in range(args.warmup + args.repeats):
-            time.sleep(args.pause)
-            request_id, arrivals = f"offline-{i}", []
-            start = time.perf_counter()
-            engine.add_request(request_id, None, params, prompt_token_ids=prompt_ids)
-            while engine.has_unfinished_requests():
-                deltas = engine.step()  # each carries only the tokens its step added
-                now = time.perf_counter()
-                for delta in deltas:
-                    n = sum(len(completion.token_ids) for completion in delta.outputs)
-                    if delta.request_id == request_id and n:
-                        arrivals.append((now, n))
-            if i >= args.warmup:
-                timings.append(request_timing(start, arrivals))
+        yield run_one
     finally:
         llm.shutdown()
         if args.offline_executor == "ray":
             import ray
 
             ray.shutdown()
+
+
+def timed_runs(args: argparse.Namespace, *paths) -> list[list[dict]]:
+    """Each path's timings: `--warmup` untimed then `--repeats` timed rounds, in each round one request per path
+    in turn (so that paths run side by side see the same phases of a noisy machine)."""
+    timings: list[list[dict]] = [[] for _ in paths]
+    for i in range(args.warmup + args.repeats):
+        for path, kept in zip(paths, timings):
+            time.sleep(args.pause)
+            timing = path()
+            if timing["tokens"] != args.max_tokens:
+                print(f"warning: request {i} made {timing['tokens']} token events, not {args.max_tokens}",
+                      file=sys.stderr)
+            if i >= args.warmup:
+                kept.append(timing)
     return timings
 
 
@@ -163,19 +187,11 @@ def stream_once(host: str, port: int, body: dict) -> dict:
         conn.close()
 
 
-def run_serving(args: argparse.Namespace, host: str, port: int, prompt_ids: list[int]) -> list[dict]:
+def served_request(args: argparse.Namespace, host: str, port: int, prompt_ids: list[int]):
+    """One streamed request to the server, as a function returning its timing."""
     body = {"model": args.served_name, "prompt": prompt_ids, "max_tokens": args.max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True}
-    timings = []
-    for i in range(args.warmup + args.repeats):
-        time.sleep(args.pause)
-        timing = stream_once(host, port, body)
-        if timing["tokens"] != args.max_tokens:
-            print(f"warning: request {i} streamed {timing['tokens']} token events, not {args.max_tokens}",
-                  file=sys.stderr)
-        if i >= args.warmup:
-            timings.append(timing)
-    return timings
+    return lambda: stream_once(host, port, body)
 
 
 def _free_port() -> int:
@@ -240,16 +256,17 @@ def make_prompt_ids(model: str, length: int) -> list[int]:
 
 def report(results: dict) -> str:
     rows = [("", "TTFT p50", "TTFT p90", "ITL p50", "ITL p90", "TPOT p50")]
-    for name in ("offline", "serving"):
+    for name in ("offline", "offline beside server", "serving"):
         if name in results:
             r = results[name]
             rows.append((name, *(f"{r[k][q]:.2f}" for k, q in (("ttft_ms", "median"), ("ttft_ms", "p90"),
                          ("itl_ms", "median"), ("itl_ms", "p90"), ("tpot_ms", "median")))))
-    if "difference" in results:
-        d = results["difference"]
-        rows.append(("serving - offline", *(f"{d[k]:+.2f}" for k in ("ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms",
-                                                                      "itl_p90_ms", "tpot_p50_ms"))))
-    return "\n".join(f"{r[0]:18s}" + "".join(f"{c:>11s}" for c in r[1:]) for r in rows) + "\n(ms)"
+    for name, label in (("difference", "serving - offline"), ("difference beside server", "serving - beside")):
+        if name in results:
+            d = results[name]
+            rows.append((label, *(f"{d[k]:+.2f}" for k in ("ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms",
+                                                           "itl_p90_ms", "tpot_p50_ms"))))
+    return "\n".join(f"{r[0]:22s}" + "".join(f"{c:>11s}" for c in r[1:]) for r in rows) + "\n(ms)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,26 +275,36 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, built = args.model, None
     try:
         if model_dir is None:
-            from rayinfer.cluster.tiny_model import build_tiny_checkpoint
+            from rayinfer.workers.tiny_checkpoint import build_tiny_checkpoint
 
             built = tempfile.mkdtemp(prefix="bench-serving-path-model-")
             model_dir = str(build_tiny_checkpoint(built, arch="llama", size="llama-56m", dtype="float32"))
         prompt_ids = make_prompt_ids(model_dir, args.prompt_len)
         results: dict = {"config": {k: v for k, v in vars(args).items() if k != "json"} | {"model": model_dir}}
         if not args.skip_offline:
-            results["offline"] = summary(run_offline(args, model_dir, prompt_ids))
+            with offline_engine(args, model_dir, prompt_ids) as offline:
+                results["offline"] = summary(timed_runs(args, offline)[0])
         if not args.skip_serving:
-            if args.base_url:
-                url = args.base_url.split("://", 1)[-1].rstrip("/")
-                host, _, port = url.partition(":")
-                results["serving"] = summary(run_serving(args, host, int(port or 80), prompt_ids))
-            else:
-                with started_server(args, model_dir) as (host, port):
-                    results["serving"] = summary(run_serving(args, host, port, prompt_ids))
-        if "offline" in results and "serving" in results:
-            o, s = results["offline"], results["serving"]
-            results["difference"] = {f"{k.split('_')[0]}_{'p50' if q == 'median' else q}_ms": s[k][q] - o[k][q]
-                                     for k in ("ttft_ms", "itl_ms", "tpot_ms") for q in ("median", "p90")}
+            with contextlib.ExitStack() as stack:
+                if args.base_url:
+                    url = args.base_url.split("://", 1)[-1].rstrip("/")
+                    host, _, port_text = url.partition(":")
+                    port = int(port_text or 80)
+                else:
+                    host, port = stack.enter_context(started_server(args, model_dir))
+                served = served_request(args, host, port, prompt_ids)
+                if args.offline_beside_server:
+                    offline = stack.enter_context(offline_engine(args, model_dir, prompt_ids))
+                    beside, serving = timed_runs(args, offline, served)
+                    results["offline beside server"] = summary(beside)
+                else:
+                    serving = timed_runs(args, served)[0]
+                results["serving"] = summary(serving)
+        for baseline, name in (("offline", "difference"), ("offline beside server", "difference beside server")):
+            if baseline in results and "serving" in results:
+                o, s = results[baseline], results["serving"]
+                results[name] = {f"{k.split('_')[0]}_{'p50' if q == 'median' else q}_ms": s[k][q] - o[k][q]
+                                 for k in ("ttft_ms", "itl_ms", "tpot_ms") for q in ("median", "p90")}
         print(report(results))
         if args.json:
             with open(args.json, "w") as f:

@@ -70,3 +70,19 @@ def test_summary_and_report_in_milliseconds() -> None:
     text = bsp.report({"offline": s, "serving": s, "difference": {
         k: 0.0 for k in ("ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms", "itl_p90_ms", "tpot_p50_ms")}})
     assert "serving - offline" in text and "55.00" in text
+
+
+def test_timed_runs_alternate_the_paths_and_drop_the_warmup() -> None:
+    args = bsp.build_parser().parse_args(["--warmup", "1", "--repeats", "2", "--pause", "0", "--max-tokens", "2"])
+    calls: list[str] = []
+
+    def path(name: str):
+        def run() -> dict:
+            calls.append(name)
+            return bsp.request_timing(0.0, [(0.01 * len(calls), 1), (0.02 * len(calls), 1)])
+        return run
+
+    first, second = bsp.timed_runs(args, path("offline"), path("served"))
+    assert calls == ["offline", "served"] * 3  # one of each per round, in turn, warmup round included
+    assert len(first) == len(second) == 2  # the warmup round is not kept
+    assert [t["ttft"] for t in first] == pytest.approx([0.03, 0.05])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def _served_apps(args: argparse.Namespace) -> tuple[str, int, list]:
 
     config = load_serve_config(args.config) if args.config else ServeConfig(apps=[ServedApp("rayinfer", "/", {})])
     overrides = _engine_kwargs(args)
+    if "api_key" not in overrides and os.environ.get("RAYINFER_API_KEY"):  # replicas on other nodes lack our env
+        overrides["api_key"] = os.environ["RAYINFER_API_KEY"]
     if args.model is not None:
         overrides["model"] = args.model
     if args.served_model_name is not None:

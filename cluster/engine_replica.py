@@ -48,9 +48,15 @@ class EngineReplica:
         return TimedStream(self, request_id, prompt, params, prompt_token_ids)
 
     def check_health(self) -> None:
-        """Serve replaces a replica whose worker group died beyond repair."""
-        if self.engine.engine.failure is not None:
-            raise RuntimeError(self.engine.engine.failure)
+        """Serve's health check: it replaces a replica whose worker group died beyond repair or whose step loop
+        stalls (a replica replacing its workers is left to finish)."""
+        problem = self.engine.health_problem(include_recovery=False)
+        if problem is not None:
+            raise RuntimeError(problem)
+
+    def health_problem(self) -> str | None:
+        """What `/health` reports: the same, and also a worker group being replaced."""
+        return self.engine.health_problem()
 
     def shutdown(self) -> None:
         self.publisher.stop()

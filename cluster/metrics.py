@@ -157,6 +157,9 @@ class _SnapshotCollector(Collector):
         yield gauge("num_engine_replicas", "Engine replicas reporting metrics.", len(self.snapshots))
         yield gauge("num_requests_running", "Requests in the running batch.", engine_sum("num_running"))
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", engine_sum("num_waiting"))
+        yield gauge("num_sequences_running", "Sequences in the running batch (n and best_of run several per request).",
+                    engine_sum("num_running_sequences"))
+        yield gauge("num_sequences_waiting", "Sequences waiting to be scheduled.", engine_sum("num_waiting_sequences"))
         yield gauge("kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1).",
                     used_blocks / num_blocks if num_blocks else 0.0)
         yield counter("num_preemptions", "Sequences preempted to free KV cache blocks.", engine_sum("num_preemptions"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -48,6 +48,24 @@ class EngineConfig(BaseModel):
     placement_strategy: Literal["STRICT_PACK", "PACK"] = "STRICT_PACK"
     # How many times the Ray executor replaces a dead worker group before failing the engine's requests.
     max_worker_restarts: int = 3
+    # Worker-group replacements allowed in any minute; past it the engine reports itself failed (Serve then replaces
+    # the replica) rather than restarting in a loop.
+    max_worker_restarts_per_minute: int = 6
+    # A step whose workers have not answered in this long (a hung collective, a stuck device) counts as a lost
+    # worker group; and a replica whose step loop has had work but finished no step for health_stall_timeout_s
+    # answers /health with 503 (and Serve's health check fails, so Serve replaces it).
+    step_timeout_s: float = 300.0
+    health_stall_timeout_s: float = 120.0
+    # Limits on what one request may carry, so that no client can make a request that costs the engine more than
+    # an honest one could; each refusal is a 400 naming the field and the limit (413 for the body size).
+    max_stop_strings: int = 32
+    max_stop_string_length: int = 1024  # characters, per stop string
+    max_prompts_per_request: int = 128  # items of one /v1/completions request's prompt list
+    max_request_body_bytes: int = 16 * 2**20
+    max_json_depth: int = 32  # nesting of arrays and objects in a request body
+    # The key HTTP clients must send as `Authorization: Bearer <key>` (else RAYINFER_API_KEY, else none); a
+    # SecretStr so that printing a config does not show it.
+    api_key: SecretStr | None = None
 
     @field_validator("model", "tokenizer")
     @classmethod
@@ -69,7 +87,11 @@ class EngineConfig(BaseModel):
             )
         return name
 
-    @field_validator("max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size")
+    @field_validator(
+        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "max_stop_strings",
+        "max_stop_string_length", "max_prompts_per_request", "max_request_body_bytes", "max_json_depth",
+        "max_worker_restarts_per_minute",
+    )
     @classmethod
     def _at_least_one(cls, value: int | None, info: Any) -> int | None:
         if value is not None and value < 1:
@@ -102,6 +124,13 @@ class EngineConfig(BaseModel):
     def _non_negative_seed(cls, value: int) -> int:
         if value < 0:
             raise ValueError(f"seed must be >= 0 (got {value})")
+        return value
+
+    @field_validator("step_timeout_s", "health_stall_timeout_s")
+    @classmethod
+    def _positive_seconds(cls, value: float, info: Any) -> float:
+        if not value > 0:  # also rejects NaN
+            raise ValueError(f"{info.field_name} must be > 0 seconds (got {value})")
         return value
 
     @field_validator("max_worker_restarts")

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._stopped = False
+        self._progress_at = time.monotonic()  # when the step loop last finished a step or found new work
         self._thread = threading.Thread(target=self._run, name="rayinfer-step-loop", daemon=True)
         self._thread.start()
 
@@ -120,6 +122,21 @@ class AsyncEngine:
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), "engine_id": self.engine.engine_id}
 
+    def health_problem(self, include_recovery: bool = True) -> str | None:
+        """Why this engine cannot serve now, or None: its workers are lost for good, it is replacing them (left
+        out for Serve's own check: a replacement is not a reason to replace the replica), or it has had work and
+        finished no step for `health_stall_timeout_s`."""
+        engine = self.engine
+        if engine.failure is not None:
+            return f"the engine failed: {engine.failure}"
+        if engine.recovering:
+            return "the engine is replacing its worker group" if include_recovery else None
+        idle_s = time.monotonic() - self._progress_at
+        if engine.has_unfinished_requests() and idle_s > engine.config.health_stall_timeout_s:
+            return (f"the engine has finished no step for {idle_s:.0f}s with {len(engine.requests)} requests "
+                    f"(health_stall_timeout_s={engine.config.health_stall_timeout_s:g})")
+        return None
+
     def shutdown(self) -> None:
         self._stopped = True
         self._wake.set()
@@ -137,9 +154,11 @@ class AsyncEngine:
             if not self.engine.has_unfinished_requests():
                 self._wake.wait()
                 self._wake.clear()
+                self._progress_at = time.monotonic()
                 continue
             try:
                 outputs = self.engine.step()
+                self._progress_at = time.monotonic()
             except Exception as exc:  # an engine bug must end requests with an error, not hang them
                 logger.exception("engine step failed")
                 outputs = self._fail_everything(f"{type(exc).__name__}: {exc}")

@@ -6,11 +6,13 @@ prefix caching, requests share the full blocks of a common prefix. A shared bloc
 about to write into a shared (partly filled) block gets a copy of it first (copy on write), and the copies to
 make are handed to the workers with the step.
 
-Prefix caching keys each full block by a hash chained over every token up to its end. A block whose last user
+Prefix caching keys each full block by a SHA-256 chained over every token up to its end (`block_key`). A block whose last user
 leaves stays in the cache on an LRU list and is only reused for other content when no plain free block is left.
 """
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -19,6 +21,15 @@ from rayinfer.scheduler.sequence import Sequence
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
+
+
+def block_key(parent: bytes | None, content: tuple[int, ...]) -> bytes:
+    """The prefix-cache key of a full block: SHA-256 over its parent's key and its tokens. Python's `hash` of a
+    tuple can be made to collide by a client who picks prompts, which would hand one request another's cached
+    KV (vLLM moved to SHA-256 after such an advisory); a collision of SHA-256 is not within anyone's reach."""
+    digest = hashlib.sha256(parent or b"")
+    digest.update(array("q", content).tobytes())
+    return digest.digest()
 
 
 @dataclass(frozen=True)
@@ -48,10 +59,9 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self._free: deque[int] = deque(range(num_blocks))
         self._ref_counts = [0] * num_blocks
-        # Prefix cache: hash -> block, and each cached block's hash and tokens (compared on a hit, so a hash
-        # collision can never hand out a block holding other tokens).
-        self._cached: dict[int, int] = {}
-        self._block_key: dict[int, tuple[int, tuple[int, ...]]] = {}
+        # Prefix cache: key -> block, and each cached block's key and tokens (the tokens are compared on a hit too).
+        self._cached: dict[bytes, int] = {}
+        self._block_key: dict[int, tuple[bytes, tuple[int, ...]]] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unused blocks; oldest first
         self.copies: list[BlockCopy] = []  # copy-on-write copies the next step must make
         self.num_prefix_queries = 0  # prompt tokens looked up in the cache
@@ -138,7 +148,7 @@ class BlockManager:
         parent = None
         for index in range(limit):
             content = tuple(tokens[index * size : (index + 1) * size])
-            key = hash((parent, content))
+            key = block_key(parent, content)
             block = self._cached.get(key)
             if block is None or self._block_key[block] != (key, content):
                 break
@@ -163,7 +173,7 @@ class BlockManager:
         for index in range(len(seq.block_hashes), done):
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             content = tuple(seq.token_ids[index * size : (index + 1) * size])
-            key = hash((parent, content))
+            key = block_key(parent, content)
             seq.block_hashes.append(key)
             block = seq.block_table[index]
             if key not in self._cached and block not in self._block_key:

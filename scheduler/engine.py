@@ -15,6 +15,7 @@ from typing import Any
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.block_manager import BlockManager
 from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
+from rayinfer.scheduler.failure_triage import FailureTriage
 from rayinfer.scheduler.logprob_recorder import LogprobRecorder
 from rayinfer.scheduler.output_deltas import request_delta
 from rayinfer.scheduler.output_processor import OutputProcessor
@@ -79,6 +80,8 @@ class Engine:
         self.output_processor = OutputProcessor(self.max_model_len)
         # Set when the worker group died and could not be replaced; a serving replica reports itself unhealthy.
         self.failure: str | None = None
+        self.recovering = False  # while a lost worker group is being replaced
+        self.triage = FailureTriage(config.max_worker_restarts_per_minute)
         eos = set(self.model_spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -91,6 +94,8 @@ class Engine:
             max_num_seqs=config.max_num_seqs,
             num_blocks=self.block_manager.num_blocks,
             block_size=config.block_size,
+            max_stop_strings=config.max_stop_strings,
+            max_stop_string_length=config.max_stop_string_length,
         )
         self.plans = PlanBuilder()  # mirrors what the workers hold
         self.num_aborted_requests = 0
@@ -197,7 +202,7 @@ class Engine:
             result = self.executor.result(handle)
         except WorkerGroupFailure as exc:
             self._in_flight = None  # a step launched after a lost one is lost with it
-            return self._recover(exc)
+            return self._recover(exc, plan)
         self._in_flight = following
         outputs = self._process_tokens(plan, result)
         if following is not None and all(s.seq.is_finished for s in following[0].scheduled):
@@ -236,8 +241,9 @@ class Engine:
 
     def _process_tokens(self, plan: SchedulerOutput, result: StepOutput | list[int]) -> list[RequestOutput]:
         """Appends each drawn token (with its logprobs, when asked) to its sequence; a bare list is tokens only."""
+        failed: dict[int, str] = {}
         if isinstance(result, StepOutput):
-            tokens, sample_logprobs = result.token_ids, result.logprobs
+            tokens, sample_logprobs, failed = result.token_ids, result.logprobs, result.failed or {}
             if result.prompt_logprobs:
                 self.logprob_recorder.record_prompt(plan, result.prompt_logprobs)
         else:
@@ -249,11 +255,16 @@ class Engine:
                 continue  # ended (stopped, aborted or failed) after this step was launched
             request = seq.request
             touched[request.request_id] = request
+            if seq.seq_id in failed:  # its draw raised in the worker, which drew the other rows without it
+                logger.error("request %s failed: %s", request.request_id, failed[seq.seq_id])
+                self._fail_request(request, failed[seq.seq_id])
+                continue
             try:
                 if sample_logprobs is not None and seq.seq_id in sample_logprobs:
                     self.logprob_recorder.record(seq, sample_logprobs[seq.seq_id])
                 if self.output_processor.append(seq, token_id):
                     self._release(seq)
+                FailureTriage.note_progress(request)
             except Exception as exc:  # one request's failure must not take the others down
                 logger.exception("request %s failed while processing its output", request.request_id)
                 self._fail_request(request, f"{type(exc).__name__}: {exc}")
@@ -278,28 +289,40 @@ class Engine:
         self.scheduler.finish(seq)
         self.plans.release(seq)
 
-    def _recover(self, failure: Exception) -> list[RequestOutput]:
-        """Brings up a fresh worker group and recomputes every live sequence from its text, or fails them all."""
+    def _recover(self, failure: Exception, plan: SchedulerOutput) -> list[RequestOutput]:
+        """Fails the request to blame for a lost step, if one can be told (`failure_triage.py`), then brings up a
+        fresh worker group and recomputes every other live sequence from its text, or fails them all."""
         logger.error("worker group failed (%s); replacing it", failure)
+        blamed = self.triage.blame(s.seq.request for s in plan.scheduled)
+        outputs = self._fail_all(blamed, f"a step with this request failed the worker group twice: {failure}")
         self.plans.workers_lost()
         for request in self.requests.values():
             request.prompt_logprobs_asked = request.num_prompt_logprobs  # the lost steps' share is asked again
         self.scheduler.preempt_all()
         self.block_manager.reset_prefix_cache()  # the new workers' pools hold none of it
-        try:
-            self.executor.restart()
-            self.failure = None
-        except Exception as exc:
-            message = f"the worker group failed ({failure}) and could not be replaced: {exc}"
-            logger.error(message)
-            self.failure = message
-            outputs = []
-            for request in list(self.requests.values()):
-                self._fail_request(request, message)
-                outputs.append(request_delta(request))
-                del self.requests[request.request_id]
-            return outputs
-        return []
+        if not self.triage.may_restart():
+            self.failure = (f"the worker group failed more than {self.triage.max_restarts_per_minute} times in a "
+                            f"minute (max_worker_restarts_per_minute; last: {failure})")
+        else:
+            self.recovering = True
+            try:
+                self.executor.restart()
+                self.failure = None
+                return outputs
+            except Exception as exc:
+                self.failure = f"the worker group failed ({failure}) and could not be replaced: {exc}"
+            finally:
+                self.recovering = False
+        logger.error(self.failure)
+        return outputs + self._fail_all(list(self.requests.values()), self.failure)
+
+    def _fail_all(self, requests: list[Request], message: str) -> list[RequestOutput]:
+        outputs = []
+        for request in requests:
+            self._fail_request(request, message)
+            outputs.append(request_delta(request))
+            del self.requests[request.request_id]
+        return outputs
 
     def _fail_request(self, request: Request, message: str) -> None:
         request.error = message
@@ -313,8 +336,11 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
+            # Requests (an n=4 request is one): running once any of its sequences is; the rest of the live ones wait.
+            "num_running": (running := len({id(seq.request) for seq in self.scheduler.running})),
+            "num_waiting": len(self.requests) - running,
+            "num_running_sequences": len(self.scheduler.running),
+            "num_waiting_sequences": len(self.scheduler.waiting),
             "num_free_blocks": self.block_manager.num_free_blocks,
             "num_blocks": self.block_manager.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,

@@ -18,6 +18,8 @@ class RequestLimits:
     max_num_seqs: int
     num_blocks: int
     block_size: int
+    max_stop_strings: int = 32
+    max_stop_string_length: int = 1024
 
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raises InvalidRequestError when the request could never run."""
@@ -53,6 +55,16 @@ class RequestLimits:
                 raise InvalidRequestError.about(
                     name, f"token ids must be in [0, {self.vocab_size}) for this model (got {bad[:5]})"
                 )
+        if len(params.stop) > self.max_stop_strings:
+            raise InvalidRequestError.about(
+                "stop", f"{len(params.stop)} stop strings given; this engine's max_stop_strings is {self.max_stop_strings}"
+            )
+        longest = max((len(s) for s in params.stop), default=0)
+        if longest > self.max_stop_string_length:
+            raise InvalidRequestError.about(
+                "stop", f"a stop string of {longest} characters is too long; this engine's max_stop_string_length is "
+                f"{self.max_stop_string_length}"
+            )
         if params.n > self.max_num_seqs:
             raise InvalidRequestError.about(
                 "n", f"{params.n} sequences cannot run together with max_num_seqs={self.max_num_seqs}"

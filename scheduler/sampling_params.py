@@ -205,6 +205,8 @@ class SamplingParams:
     def token_ids_to_check(self) -> dict[str, list[int]]:
         """The token ids this request names, by field, for the engine to check against the vocabulary."""
         named: dict[str, list[int]] = {}
+        if self.stop_token_ids:
+            named["stop_token_ids"] = self.stop_token_ids
         if self.logit_bias:
             named["logit_bias"] = list(self.logit_bias)
         if self.allowed_token_ids:

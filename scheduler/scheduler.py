@@ -146,11 +146,17 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         held = self._num_seqs_held()
+        # Requests in a step that failed the worker group run one at a time until cleared (failure_triage.py).
+        suspect_running = next((s.request for s in self.running if s.request.suspect_until is not None), None)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             seqs = 1 + len(seq.request.forks_pending)
             if held + seqs > self.limits.max_num_seqs:
                 break
+            if seq.request.suspect_until is not None:
+                if suspect_running is not None and suspect_running is not seq.request:
+                    break
+                suspect_running = seq.request
             if seq.request.params.prompt_logprobs is None:  # those need the logits of every prompt position
                 # A sequence its siblings fork from must still compute a token before the fork point.
                 leave = 2 if seq.request.forks_pending else 1

@@ -38,7 +38,7 @@ class Sequence:
     num_pending_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     # Prefix-cache hashes of the table's leading full blocks (chained: each covers every token up to its end).
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -105,6 +105,9 @@ class Request:
     # Whether a delta has carried the prompt (and its ids) and the prompt logprobs: each travels once.
     prompt_sent: bool = False
     prompt_logprobs_sent: bool = False
+    # Set when a step of this request failed the worker group: it runs alone among suspects until it has drawn
+    # this many tokens (see failure_triage.py).
+    suspect_until: int | None = None
 
     def __post_init__(self) -> None:
         # What the sampling worker gets: `params` lowered once, when the request is made.

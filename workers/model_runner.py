@@ -1,6 +1,8 @@
 """Runs one step on this worker: flatten the step's chunks into one varlen batch, forward, sample."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rayinfer.workers.step_output import StepOutput, TopLogprobs
@@ -9,8 +11,10 @@ from rayinfer.workers.cuda_graphs import DecodeGraphs
 from rayinfer.workers.kv_pool import KVPool
 from rayinfer.workers.layers.attention import AttentionMetadata, PagedAttention
 from rayinfer.workers.logprobs import top_logprobs
-from rayinfer.workers.sampler import Sampler
+from rayinfer.workers.sampler import Sampler, SamplingTensors, row_of
 from rayinfer.workers.sampling_batch import SamplingBatch
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -127,7 +131,7 @@ class ModelRunner:
         out = StepOutput([])
         if sampling_seq_ids:
             step_rows = self.sampling_batch.step_rows(sampling_seq_ids)
-            token_ids = self.sampler(sample_logits, self.sampling_batch.tensors(step_rows))
+            token_ids, out.failed = self._sample(sample_logits, self.sampling_batch.tensors(step_rows), sampling_seq_ids)
             self.sampling_batch.record(step_rows, token_ids)
             if with_logprobs:
                 requests = [sequences[seq_id].sampling for seq_id in sampling_seq_ids]
@@ -143,6 +147,22 @@ class ModelRunner:
                 out.prompt_logprobs[seq_id] = (first_position, entries[start : start + n])
                 start += n
         return out
+
+    def _sample(self, logits: torch.Tensor, tensors: SamplingTensors, seq_ids: list[int]
+                ) -> tuple[torch.Tensor, dict[int, str] | None]:
+        """The batch's draws. Should the batched sampler raise, each row is drawn alone, so that one request's
+        bad settings fail that request (its seq_id -> the error, token 0 in its place) and not the whole step."""
+        try:
+            return self.sampler(logits, tensors), None
+        except Exception:  # noqa: BLE001 - whatever it was, the per-row retry below names the rows it comes from
+            logger.exception("batched sampling failed; drawing row by row")
+        token_ids, failed = torch.zeros(len(seq_ids), dtype=torch.int64, device=logits.device), {}
+        for row, seq_id in enumerate(seq_ids):
+            try:
+                token_ids[row] = self.sampler(logits[row : row + 1], row_of(tensors, row))[0]
+            except Exception as exc:  # noqa: BLE001 - reported to the engine, which fails this request alone
+                failed[seq_id] = f"sampling failed: {type(exc).__name__}: {exc}"
+        return token_ids, failed or None
 
     def _sample_logprobs(
         self, seq_ids: list[int], requests: list, logits: torch.Tensor, token_ids: torch.Tensor

@@ -153,7 +153,7 @@ class RayExecutor(Executor):
         addresses = ray.get([w.listen_for_steps.remote(key) for w in self.workers], timeout=SETUP_TIMEOUT_S)
         for worker in self.workers:
             worker.serve_steps.remote()  # returns when the channel closes; nothing to read from it
-        self._channel = StepChannel(addresses, key)
+        self._channel = StepChannel(addresses, key, timeout_s=self.config.step_timeout_s)
 
     def _on_for_gpu_workers(self, env_var: str) -> bool:
         """A choice that is on for GPU workers and off for CPU ones unless `env_var` is 1 or 0."""
@@ -196,7 +196,7 @@ class RayExecutor(Executor):
             raise handle
         try:
             if isinstance(handle, _GraphStep):
-                return ray.get(handle.refs)[0]  # every rank's output must be read for the graph to go on
+                return ray.get(handle.refs, timeout=self.config.step_timeout_s)[0]  # every rank's output is read
             return self._live_channel().receive(handle.number)  # type: ignore[attr-defined, return-value]
         except RayActorError as exc:
             raise WorkerGroupFailure(f"a worker of engine {self.engine_id} died: {exc}") from exc

@@ -13,7 +13,7 @@ so a row draws the same token alone, in any batch, and in any order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -52,6 +52,12 @@ class SamplingTensors:
     any_top_p: bool
     any_min_p: bool
     any_penalty: bool
+
+
+def row_of(t: SamplingTensors, row: int) -> SamplingTensors:
+    """Row `row` of `t` alone, with the batch's flags: a filter another row needs leaves this row unchanged."""
+    sliced = {f.name: getattr(t, f.name)[row : row + 1] for f in fields(t) if isinstance(getattr(t, f.name), Tensor)}
+    return replace(t, **sliced)
 
 
 @dataclass(frozen=True)
@@ -164,4 +170,5 @@ __all__ = [
     "apply_top_k_top_p",
     "counter_uniforms",
     "mix64",
+    "row_of",
 ]

@@ -94,7 +94,8 @@ class StepServer:
 class StepChannel:
     """Engine side: sends each plan to every rank and reads their replies in the order the plans were sent."""
 
-    def __init__(self, addresses: list[Address], authkey: bytes) -> None:
+    def __init__(self, addresses: list[Address], authkey: bytes, timeout_s: float | None = None) -> None:
+        self._timeout_s = timeout_s  # how long a step may take before its workers count as lost
         self._conns: list[Connection] = []
         for address in addresses:
             try:
@@ -133,7 +134,11 @@ class StepChannel:
         replies: list[object] = [None] * len(self._conns)
         pending = {conn: rank for rank, conn in enumerate(self._conns)}
         while pending:
-            for conn in wait(list(pending)):
+            ready = wait(list(pending), timeout=self._timeout_s)
+            if not ready:
+                raise WorkerGroupFailure(f"worker rank(s) {sorted(pending.values())} did not answer within "
+                                         f"{self._timeout_s:g}s (step_timeout_s): a hung collective or device?")
+            for conn in ready:
                 rank = pending.pop(conn)
                 try:
                     status, value = conn.recv()

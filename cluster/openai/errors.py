@@ -59,6 +59,15 @@ def engine_failure(
     return error_response(500, f"the engine failed this request: {type(exc).__name__}", type_="internal_error")
 
 
+async def send_error(send: Any, status: int, message: str, param: Optional[str] = None, code: Union[int, str, None] = None,
+                     headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """An error response sent straight over ASGI, by a middleware that answers before any route runs."""
+    payload = JSONResponse(error_body(message, "invalid_request_error", param=param, code=code or status)).body
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": payload})
+
+
 def error_event(response: JSONResponse) -> str:
     """An error as a server-sent event: a stream's status line has been sent already."""
     return f"data: {response.body.decode()}\n\n"

@@ -51,6 +51,12 @@ class ChatMessage(_Request):
     name: Optional[str] = None
     tool_call_id: Optional[str] = None
 
+    @model_validator(mode="after")
+    def _tool_results_name_their_call(self) -> "ChatMessage":
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a message with role 'tool' needs the tool_call_id of the call it answers")
+        return self
+
     def text(self) -> str:
         """The content as one string (text parts joined by newlines)."""
         if self.content is None:
@@ -112,6 +118,13 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: Optional[str]) -> Any:
+        if value is not None:  # refused rather than ignored: the completion would not be what was asked for
+            raise ValueError("suffix (insertion) is not supported by this server")
+        return value
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt as a batch: each item is a string or a list of token ids."""

@@ -21,6 +21,7 @@ from ray.serve.config import BackpressureConfig
 
 from rayinfer.cluster.engine_replica import EngineReplica
 from rayinfer.cluster.metrics import render_prometheus
+from rayinfer.cluster.openai import api_key, body_checks
 from rayinfer.cluster.openai.beam_search import serve_beam_search
 from rayinfer.cluster.openai.engine_calls import cancel, first_deltas, merged, open_stream, whole_output
 from rayinfer.cluster.openai.errors import (
@@ -61,6 +62,8 @@ RETRY_AFTER_S = 1
 # must exist by then (here, above it, or in modules it imports).
 app = FastAPI(title="rayinfer", description="OpenAI-compatible LLM serving on Ray")
 install_error_handlers(app)
+app.add_middleware(body_checks.BodyChecks)
+app.add_middleware(api_key.ApiKeyCheck)  # added last, so it runs first: no body is read for a wrong key
 
 
 async def _sse(renderer: Renderer, firsts: list, streams: list) -> AsyncIterator[str]:
@@ -95,8 +98,11 @@ class LLMServer:
     def __init__(self, config: EngineConfig, served_model_name: str, engine_factory: Any = None) -> None:
         from transformers import AutoTokenizer
 
+        body_checks.configure(config.max_request_body_bytes, config.max_json_depth)
+        api_key.configure(config.api_key.get_secret_value() if config.api_key else None)
         self.engine = (engine_factory or EngineReplica)(config)
         self.model_name = served_model_name
+        self.max_prompts = config.max_prompts_per_request
         self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
         self._engine_info = self.engine.info()
 
@@ -116,7 +122,12 @@ class LLMServer:
 
     # ------------------------------------------------------------------ plain routes
     @app.get("/health")
-    async def health(self) -> dict[str, str]:
+    async def health(self) -> Any:
+        """200 while the engine can serve; 503 (with the reason) while it is failed, replacing its workers, or
+        stalled, so that a load balancer sends requests elsewhere."""
+        problem = self.engine.health_problem()
+        if problem is not None:
+            return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -138,7 +149,10 @@ class LLMServer:
     async def tokenize(self, body: TokenizeRequest) -> Any:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing
-        text = body.prompt if body.prompt is not None else self._chat_text(body.messages, body.add_generation_prompt)
+        try:
+            text = body.prompt if body.prompt is not None else self._chat_text(body.messages, body.add_generation_prompt)
+        except InvalidRequestError as exc:
+            return invalid_request(exc)
         tokens = self.tokenizer.encode(text, add_special_tokens=body.use_special_tokens)
         strs = self.tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None
         return TokenizeResponse(count=len(tokens), max_model_len=self._engine_info["max_model_len"],
@@ -148,6 +162,11 @@ class LLMServer:
     async def detokenize(self, body: DetokenizeRequest) -> Any:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing
+        vocab = len(self.tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            return error_response(400, f"tokens: ids must be in [0, {vocab}) for this tokenizer (got {bad[:5]})",
+                                  param="tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
 
     # ------------------------------------------------------------------ generation
@@ -155,20 +174,33 @@ class LLMServer:
     async def completions(self, body: CompletionRequest) -> Any:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing
-        return await self._serve(body, [self._encode(prompt) for prompt in body.prompts()])
+        prompts = body.prompts()
+        if len(prompts) > self.max_prompts:
+            return error_response(400, f"{len(prompts)} prompts in one request; this server's max_prompts_per_request "
+                                       f"is {self.max_prompts}", param="prompt")
+        return await self._serve(body, [self._encode(prompt) for prompt in prompts])
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing
-        text = self._chat_text(body.messages, body.add_generation_prompt)
+        try:
+            text = self._chat_text(body.messages, body.add_generation_prompt)
+        except InvalidRequestError as exc:
+            return invalid_request(exc)
         return await self._serve(body, [(text, self.tokenizer.encode(text, add_special_tokens=False))])
 
     def _chat_text(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        """The conversation through the model's chat template; a template that refuses it (a role or an order it
+        cannot take: templates raise on purpose) or has none is the request's 400, not a server error."""
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        return self.tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # noqa: BLE001 - jinja's TemplateError, transformers' ValueError, ...
+            raise InvalidRequestError(f"messages: the model's chat template cannot take these messages: "
+                                      f"{type(exc).__name__}: {exc}", "messages") from exc
 
     def _encode(self, prompt: str | list[int]) -> PromptInput:
         if isinstance(prompt, str):

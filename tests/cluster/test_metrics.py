@@ -68,7 +68,8 @@ def _snapshot(running: int, free: int, ttft: float) -> dict:
     metrics = ReplicaMetrics()
     metrics.histograms["time_to_first_token_seconds"].observe(ttft)
     metrics.counters["generation_tokens"] = 10
-    engine = {"num_running": running, "num_waiting": 1, "num_blocks": 100, "num_free_blocks": free,
+    engine = {"num_running": running, "num_waiting": 1, "num_running_sequences": 4 * running,
+              "num_waiting_sequences": 2, "num_blocks": 100, "num_free_blocks": free,
               "num_preemptions": 2, "prefix_cache_queries": 50, "prefix_cache_hits": 30, "engine_id": "not-a-number"}
     return metrics.snapshot(engine)
 
@@ -78,6 +79,8 @@ def test_prometheus_text_merges_replicas_and_parses() -> None:
     assert _value(families, "rayinfer_num_engine_replicas") == 2
     assert _value(families, "rayinfer_num_requests_running", model_name="tiny") == 4
     assert _value(families, "rayinfer_num_requests_waiting") == 2
+    assert _value(families, "rayinfer_num_sequences_running") == 16  # requests and their sequences apart
+    assert _value(families, "rayinfer_num_sequences_waiting") == 4
     assert _value(families, "rayinfer_kv_cache_usage_ratio") == pytest.approx(60 / 200)
     assert _value(families, "rayinfer_num_preemptions", "_total") == 4
     assert _value(families, "rayinfer_generation_tokens", "_total") == 20

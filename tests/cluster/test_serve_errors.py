@@ -61,6 +61,11 @@ class CuedEngine:
     def check_health(self) -> None:
         pass
 
+    problem: str | None = None  # what /health reports; set by the "sicken" and "heal" prompts
+
+    def health_problem(self) -> str | None:
+        return CuedEngine.problem
+
     def shutdown(self) -> None:
         pass
 
@@ -70,6 +75,8 @@ class CuedEngine:
     async def _generate(self, prompt):
         if prompt == "refuse":  # as the engine refuses an echo request's prompt logprobs over its cap
             raise InvalidRequestError.about("prompt_logprobs", "5 requested, but this engine's max_logprobs is 2")
+        if prompt in ("sicken", "heal"):
+            CuedEngine.problem = "the engine is replacing its worker group" if prompt == "sicken" else None
         if prompt == "crash":
             raise RuntimeError("the engine replica broke")
         if prompt == "fail":
@@ -158,3 +165,13 @@ def test_full_queue_is_503_with_retry_after(cued: str) -> None:
             assert "backpressure" in reply.text and "max_queued_requests=1" in reply.text, reply.text
             assert int(reply.headers["Retry-After"]) >= 1
     assert _complete(cued, "hello").status_code == 200  # capacity came back
+
+
+def test_health_is_503_with_the_reason_while_the_engine_cannot_serve(cued: str) -> None:
+    assert requests.get(f"{cued}/health", timeout=30).json() == {"status": "ok"}
+    assert _complete(cued, "sicken").status_code == 200
+    reply = requests.get(f"{cued}/health", timeout=30)
+    assert reply.status_code == 503
+    assert reply.json() == {"status": "unhealthy", "reason": "the engine is replacing its worker group"}
+    assert _complete(cued, "heal").status_code == 200
+    assert requests.get(f"{cued}/health", timeout=30).status_code == 200

@@ -231,3 +231,14 @@ def test_a_broken_copy_is_rejected(
     raw, prepared = load_cluster_config(broken)  # valid for Ray, wrong for rayinfer
     problems = layout_problems(raw, prepared)
     assert any(problem in p for p in problems), f"{what}: not reported in {problems}"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_dashboard_on_loopback_and_token_auth_on_every_node(path: Path) -> None:
+    raw = yaml.safe_load(path.read_text())
+    head, workers = " ".join(raw["head_start_ray_commands"]), " ".join(raw["worker_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "0.0.0.0" not in head
+    for commands in (head, workers):
+        assert "export RAY_AUTH_MODE=token;" in commands
+        assert commands.index("RAY_AUTH_MODE") < commands.index("ray start"), commands
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # one token for every node and client

@@ -83,3 +83,11 @@ def test_serve_run_builds_the_application_from_the_file(path: Path) -> None:
     args["model"] = args.get("model") or "tiny"
     app = call_user_app_builder_with_args_if_necessary(app_builder, args)
     assert isinstance(app, Application)
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_a_config_open_to_the_network_says_to_set_an_api_key(path: Path) -> None:
+    config = load_serve_config(path)
+    if config.host == "0.0.0.0":
+        assert "RAYINFER_API_KEY" in path.read_text() and "Authorization: Bearer" in path.read_text()
+    assert "api_key" not in str(config.apps[0].args)  # the key comes from the environment, never from the file

@@ -94,3 +94,45 @@ def test_client_that_goes_away_frees_its_request(engine: AsyncEngine) -> None:
     stats = _wait_idle(engine)
     assert stats["num_aborted_requests"] == aborted_before + 1, "the request ran on instead of being aborted"
     assert stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+
+
+
+def test_health_reports_failure_recovery_and_a_stalled_step_loop(llama_dir: Path, monkeypatch) -> None:
+    import threading
+
+    from rayinfer.workers import executor
+
+    gate = threading.Event()
+
+    class StallingExecutor(executor.InProcessExecutor):
+        def execute(self, plan):  # hangs until the gate opens, as a step stuck in a collective would
+            gate.wait(30)
+            return super().execute(plan)
+
+    monkeypatch.setattr(executor, "default_executor_factory", lambda config: StallingExecutor)
+    stalling = AsyncEngine(EngineConfig(model=str(llama_dir), health_stall_timeout_s=0.3))
+
+    async def run() -> list:
+        stream = await stalling.open("stuck", "Hello", SamplingParams(max_tokens=3, **GREEDY))
+        deadline = time.monotonic() + 10
+        while (problem := stalling.health_problem(include_recovery=False)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert problem is not None and "finished no step for" in problem and "1 requests" in problem, problem
+        gate.set()
+        return await _collect(stream)
+
+    try:
+        assert stalling.health_problem() is None  # idle is healthy, however long
+        assert sum(len(d.outputs[0].token_ids) for d in asyncio.run(run())) == 3
+        assert stalling.health_problem() is None
+        stalling.engine.recovering = True
+        assert stalling.health_problem() == "the engine is replacing its worker group"
+        assert stalling.health_problem(include_recovery=False) is None  # Serve leaves a recovering replica alone
+        stalling.engine.recovering = False
+        stalling.engine.failure = "the worker group failed and could not be replaced"
+        assert stalling.health_problem(include_recovery=False) == (
+            "the engine failed: the worker group failed and could not be replaced")
+    finally:
+        stalling.engine.failure = None
+        gate.set()
+        stalling.shutdown()

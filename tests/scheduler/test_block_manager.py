@@ -6,7 +6,10 @@ import random
 
 import pytest
 
-from rayinfer.scheduler.block_manager import BlockManager, blocks_for
+import hashlib
+from array import array
+
+from rayinfer.scheduler.block_manager import BlockManager, block_key, blocks_for
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.sequence import Request, Sequence
 
@@ -233,6 +236,20 @@ def test_prefix_cache_compares_tokens_so_a_hash_collision_misses() -> None:
     key, _ = bm._block_key[block]
     bm._block_key[block] = (key, (1, 2, 3, 4))  # as if other tokens had hashed to the same key
     assert bm.take_cached_prefix(make_seq(0, 9)) == 0
+
+
+def test_block_keys_are_sha256_chained_over_the_whole_prefix() -> None:
+    first = block_key(None, (1, 2, 3, 4))
+    assert first == hashlib.sha256(array("q", [1, 2, 3, 4]).tobytes()).digest()
+    assert block_key(first, (5, 6, 7, 8)) == hashlib.sha256(first + array("q", [5, 6, 7, 8]).tobytes()).digest()
+    # The same block after another prefix is another key, and ids past 2**32 are not folded onto small ones.
+    assert block_key(block_key(None, (9, 9, 9, 9)), (5, 6, 7, 8)) != block_key(first, (5, 6, 7, 8))
+    assert block_key(None, (1 + (1 << 32), 2, 3, 4)) != first
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=True)
+    seq = make_seq(0, 9)
+    computed(seq, bm, 9)
+    assert seq.block_hashes == [block_key(None, tuple(seq.token_ids[:4])),
+                                block_key(seq.block_hashes[0], tuple(seq.token_ids[4:8]))]
 
 
 def test_freed_cached_blocks_stay_cached_until_no_plain_block_is_left() -> None:

@@ -79,3 +79,34 @@ EXPECTED = [
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_tokens_match_the_per_step_build(llama_dir: Path, setup: str) -> None:
     assert generate(llama_dir, setup) == EXPECTED
+
+
+def test_a_row_whose_draw_raises_fails_alone(llama_dir: Path, monkeypatch) -> None:
+    """Settings that make the sampler raise (an id past the vocabulary, which the engine refuses at the edge: the
+    test lets it through) fail their request only; the batch is drawn row by row and the others go on."""
+    from rayinfer.scheduler.request_checks import RequestLimits
+
+    llm = LLM(str(llama_dir))
+    engine = llm.engine
+    vocab = engine.model_spec.vocab_size
+    greedy = [SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=6, ignore_eos=True, logit_bias={40: 2.0})]
+    alone = [out.outputs[0].token_ids for out in llm.generate(
+        {"prompt_token_ids": PROMPTS[0]}, greedy[0], use_tqdm=False) + llm.generate(
+        {"prompt_token_ids": PROMPTS[1]}, greedy[1], use_tqdm=False)]
+    monkeypatch.setattr(RequestLimits, "check", lambda self, ids, params: None)
+    engine.add_request("ok-0", None, greedy[0], prompt_token_ids=PROMPTS[0])
+    engine.add_request("bad", None, SamplingParams(max_tokens=6, logit_bias={vocab + 5: 1.0}),
+                       prompt_token_ids=PROMPTS[2])
+    engine.add_request("ok-1", None, greedy[1], prompt_token_ids=PROMPTS[1])
+    finals = {}
+    from rayinfer.scheduler.outputs import OutputAssembler
+
+    assembler = OutputAssembler()
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            if (out := assembler.add(delta)) is not None:
+                finals[out.request_id] = out
+    assert finals["bad"].error.startswith("sampling failed:") and finals["bad"].outputs[0].finish_reason == "error"
+    assert [finals["ok-0"].outputs[0].token_ids, finals["ok-1"].outputs[0].token_ids] == alone
+    assert engine.num_free_blocks == engine.block_manager.num_blocks and not engine.executor.worker.sequences

@@ -106,3 +106,22 @@ def test_an_unreachable_worker_is_a_worker_group_failure() -> None:
     server.close()  # nobody listens there any more
     with pytest.raises(WorkerGroupFailure, match="cannot connect"):
         StepChannel([address], KEY)
+
+
+def test_a_rank_that_does_not_answer_in_time_is_a_worker_group_failure() -> None:
+    """A hung collective: rank 1 never answers; the step fails after step_timeout_s instead of waiting forever."""
+    release = threading.Event()
+
+    class HungWorker(FakeWorker):
+        def execute(self, plan: StepPlan) -> StepOutput | None:
+            release.wait(30)
+            return super().execute(plan)
+
+    servers, _ = _serve([FakeWorker(0), HungWorker(1)])
+    channel = StepChannel([s.address for s in servers], KEY, timeout_s=0.3)
+    try:
+        with pytest.raises(WorkerGroupFailure, match=r"rank\(s\) \[1\] did not answer within 0.3s"):
+            channel.receive(channel.send(_plan()))
+    finally:
+        release.set()
+        channel.close()

@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayinfer.cluster.openai.request_models import SamplingRequest
 from rayinfer.cluster.openai.response_models import ErrorInfo, ErrorResponse
@@ -103,8 +104,14 @@ def validation_error_body(exc: Any) -> dict:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Malformed bodies answer 400 naming their fields."""
+    """Malformed bodies answer 400 naming their fields; what FastAPI or Starlette refuse themselves (a body that is
+    not UTF-8, an unknown path, a wrong method) is OpenAI-shaped too."""
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(validation_error_body(exc), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "internal_error" if exc.status_code >= 500 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), type_=type_, headers=exc.headers)

@@ -21,7 +21,7 @@ from ray.serve.config import BackpressureConfig
 
 from rayinfer.cluster.engine_replica import EngineReplica
 from rayinfer.cluster.metrics import render_prometheus
-from rayinfer.cluster.openai import api_key, body_checks
+from rayinfer.cluster.openai import api_key, body_checks, openapi_docs
 from rayinfer.cluster.openai.beam_search import serve_beam_search
 from rayinfer.cluster.openai.engine_calls import cancel, first_deltas, merged, open_stream, whole_output
 from rayinfer.cluster.openai.errors import (
@@ -42,6 +42,8 @@ from rayinfer.cluster.openai.request_models import (
     TokenizeRequest,
 )
 from rayinfer.cluster.openai.response_models import (
+    ChatCompletionResponse,
+    CompletionResponse,
     DetokenizeResponse,
     ModelCard,
     ModelList,
@@ -64,6 +66,7 @@ app = FastAPI(title="rayinfer", description="OpenAI-compatible LLM serving on Ra
 install_error_handlers(app)
 app.add_middleware(body_checks.BodyChecks)
 app.add_middleware(api_key.ApiKeyCheck)  # added last, so it runs first: no body is read for a wrong key
+openapi_docs.install_openapi(app)
 
 
 async def _sse(renderer: Renderer, firsts: list, streams: list) -> AsyncIterator[str]:
@@ -121,7 +124,7 @@ class LLMServer:
         return None
 
     # ------------------------------------------------------------------ plain routes
-    @app.get("/health")
+    @app.get("/health", responses=openapi_docs.HEALTH)
     async def health(self) -> Any:
         """200 while the engine can serve; 503 (with the reason) while it is failed, replacing its workers, or
         stalled, so that a load balancer sends requests elsewhere."""
@@ -130,7 +133,7 @@ class LLMServer:
             return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=openapi_docs.METRICS)
     async def metrics(self) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -139,13 +142,13 @@ class LLMServer:
         snapshots = live_snapshots(serve.get_replica_context().app_name)
         return Response(render_prometheus(snapshots, self.model_name), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=ModelList, responses=openapi_docs.LISTING)
     async def models(self) -> dict:
         max_model_len = self._engine_info["max_model_len"]
         return ModelList(data=[ModelCard(id=self.model_name, root=self.model_name, max_model_len=max_model_len)]
                          ).model_dump()
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=openapi_docs.body_route(TokenizeResponse))
     async def tokenize(self, body: TokenizeRequest) -> Any:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing
@@ -158,7 +161,7 @@ class LLMServer:
         return TokenizeResponse(count=len(tokens), max_model_len=self._engine_info["max_model_len"],
                                 tokens=tokens, token_strs=strs)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=openapi_docs.body_route(DetokenizeResponse))
     async def detokenize(self, body: DetokenizeRequest) -> Any:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing
@@ -170,7 +173,7 @@ class LLMServer:
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
 
     # ------------------------------------------------------------------ generation
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=openapi_docs.generation(CompletionResponse))
     async def completions(self, body: CompletionRequest) -> Any:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing
@@ -180,7 +183,7 @@ class LLMServer:
                                        f"is {self.max_prompts}", param="prompt")
         return await self._serve(body, [self._encode(prompt) for prompt in prompts])
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=openapi_docs.generation(ChatCompletionResponse))
     async def chat_completions(self, body: ChatCompletionRequest) -> Any:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing

@@ -97,7 +97,10 @@ def test_client_that_goes_away_frees_its_request(engine: AsyncEngine) -> None:
 
 
 
-def test_health_reports_failure_recovery_and_a_stalled_step_loop(llama_dir: Path, monkeypatch) -> None:
+
+def _stalling_engine(llama_dir: Path, monkeypatch, **config):
+    """An AsyncEngine whose steps hang until the returned gate is set (as a step stuck in a collective would), so
+    that its step thread is busy while the test acts."""
     import threading
 
     from rayinfer.workers import executor
@@ -105,12 +108,40 @@ def test_health_reports_failure_recovery_and_a_stalled_step_loop(llama_dir: Path
     gate = threading.Event()
 
     class StallingExecutor(executor.InProcessExecutor):
-        def execute(self, plan):  # hangs until the gate opens, as a step stuck in a collective would
+        def execute(self, plan):
             gate.wait(30)
             return super().execute(plan)
 
     monkeypatch.setattr(executor, "default_executor_factory", lambda config: StallingExecutor)
-    stalling = AsyncEngine(EngineConfig(model=str(llama_dir), health_stall_timeout_s=0.3))
+    return AsyncEngine(EngineConfig(model=str(llama_dir), **config)), gate
+
+
+def test_a_client_that_leaves_before_its_request_is_accepted_leaves_nothing_running(llama_dir, monkeypatch) -> None:
+    busy, gate = _stalling_engine(llama_dir, monkeypatch)
+
+    async def run() -> None:
+        first = await busy.open("first", "Hello", SamplingParams(max_tokens=2, **GREEDY))  # the step thread hangs
+        adding = asyncio.ensure_future(busy.open("left", "Hello", SamplingParams(max_tokens=400, **GREEDY)))
+        await asyncio.sleep(0.2)
+        assert not adding.done()  # still in the inbox: the step thread is busy
+        adding.cancel()  # the client disconnected
+        with pytest.raises(asyncio.CancelledError):
+            await adding
+        gate.set()
+        await _collect(first)
+
+    try:
+        asyncio.run(run())
+        stats = _wait_idle(busy)
+        assert "left" not in busy.engine.requests and stats["num_running"] == stats["num_waiting"] == 0
+        assert stats["num_free_blocks"] == stats["num_blocks"]
+    finally:
+        gate.set()
+        busy.shutdown()
+
+
+def test_health_reports_failure_recovery_and_a_stalled_step_loop(llama_dir: Path, monkeypatch) -> None:
+    stalling, gate = _stalling_engine(llama_dir, monkeypatch, health_stall_timeout_s=0.3)
 
     async def run() -> list:
         stream = await stalling.open("stuck", "Hello", SamplingParams(max_tokens=3, **GREEDY))

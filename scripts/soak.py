@@ -5,8 +5,8 @@ For `--duration` seconds, `--streams` client loops each send one streamed reques
 (checked against the offline engine's text when `--checkpoint` is given), seeded sampling, `n` > 1, logprobs and
 stop strings, chosen at random. A `--disconnect-fraction` of them hang up after a random number of events. One
 request in `--hostile-every` is a hostile one (an id past the vocabulary, a NaN, a body nested too deep, too many
-prompts, ...) that must get a 4xx. With `--kill-worker-every S` a worker process of the server (a local
-`ray::WorkerActor`) is SIGKILLed every S seconds.
+prompts, ...) that must get a 4xx. With `--kill-worker-every S` a worker process of the server (a
+`ray::WorkerActor` below `--server-pid`) is SIGKILLed every S seconds.
 
 At the end it checks, and exits non-zero unless: every request ended (its output, an error, or the hang-up the
 client chose) within `--request-timeout`; every greedy request that finished equals the offline text; every
@@ -17,7 +17,7 @@ and after. `--json FILE` writes it all.
 
     .venv/bin/rayinfer serve --model /tmp/llama56m --served-model-name m --port 8000 --ray-address local &
     .venv/bin/python scripts/soak.py --base-url http://127.0.0.1:8000 --model m --checkpoint /tmp/llama56m \\
-        --duration 600 --streams 256 --kill-worker-every 60 --json /tmp/soak.json
+        --duration 600 --streams 256 --kill-worker-every 60 --server-pid $! --json /tmp/soak.json
 """
 from __future__ import annotations
 
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=64, help="concurrent client loops")
     p.add_argument("--disconnect-fraction", type=float, default=0.15)
     p.add_argument("--hostile-every", type=int, default=10, help="one request in this many is hostile")
-    p.add_argument("--kill-worker-every", type=float, default=0.0, help="SIGKILL a local worker every S seconds")
+    p.add_argument("--kill-worker-every", type=float, default=0.0, help="SIGKILL a worker of the server every S seconds")
+    p.add_argument("--server-pid", type=int, help="the server's process (`rayinfer serve` with a local Ray, or the "
+                   "node's raylet): only worker processes below it are killed, and its RSS is reported")
     p.add_argument("--request-timeout", type=float, default=120.0)
     p.add_argument("--idle-timeout", type=float, default=60.0, help="how long the server may take to go idle")
     p.add_argument("--api-key", default=os.environ.get("RAYINFER_API_KEY"))
@@ -162,21 +164,41 @@ class Soak:
         every = self.args.kill_worker_every
         while every > 0 and time.monotonic() + every < deadline:
             await asyncio.sleep(every)
-            pids = _pids("ray::WorkerActor")
+            pids = _pids("ray::WorkerActor", self.args.server_pid)
             if pids:
                 os.kill(random.choice(pids), signal.SIGKILL)
                 self.kill_times.append(time.monotonic())
 
 
-def _pids(pattern: str) -> list[int]:
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _below(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        pid = _parent(pid)
+        if pid == ancestor:
+            return True
+    return False
+
+
+def _pids(pattern: str, ancestor: int | None) -> list[int]:
+    """Processes whose command line holds `pattern` and that descend from `ancestor` (none without one: this
+    script touches only the server it was pointed at)."""
+    if ancestor is None:
+        return []
     found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in found if int(p) != os.getpid()]
+    return [int(p) for p in found if _below(int(p), ancestor)]
 
 
-def _rss_mb(patterns: tuple[str, ...] = ("ray::ServeReplica", "ray::WorkerActor")) -> float:
+def _rss_mb(ancestor: int | None, patterns: tuple[str, ...] = ("ray::ServeReplica", "ray::WorkerActor")) -> float:
     total = 0
     for pattern in patterns:
-        for pid in _pids(pattern):
+        for pid in _pids(pattern, ancestor):
             try:
                 with open(f"/proc/{pid}/status") as f:
                     total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -257,7 +279,7 @@ def report(soak: Soak, gauges: dict, rss: tuple[float, float], elapsed: float) -
 
 async def run(args: argparse.Namespace) -> dict:
     soak = Soak(args, expected_texts(args.checkpoint))
-    rss_before = _rss_mb()
+    rss_before = _rss_mb(args.server_pid)
     rng = random.Random(args.seed)
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     connector = aiohttp.TCPConnector(limit=args.streams + 8)
@@ -267,12 +289,14 @@ async def run(args: argparse.Namespace) -> dict:
         clients = [soak.client(session, random.Random(rng.random()), deadline) for _ in range(args.streams)]
         await asyncio.gather(soak.killer(deadline), *clients)
     gauges = await server_idle(args, soak.headers())
-    return report(soak, gauges, (rss_before, _rss_mb()), time.monotonic() - start)
+    return report(soak, gauges, (rss_before, _rss_mb(args.server_pid)), time.monotonic() - start)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.base_url = args.base_url.rstrip("/")
+    if args.kill_worker_every and args.server_pid is None:
+        build_parser().error("--kill-worker-every needs --server-pid (whose workers to kill)")
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=1))
     if args.json:

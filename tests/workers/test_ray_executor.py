@@ -87,6 +87,34 @@ def test_group_that_cannot_be_rebuilt_fails_every_request(llama_dir: Path, ray_s
         llm.shutdown()
 
 
+def test_a_request_that_breaks_the_workers_fails_alone(llama_dir: Path, ray_session, monkeypatch, run_to_end) -> None:
+    """The issue-15 loop, on real Ray workers: a request whose forward raises in every worker (a prompt id past the
+    vocabulary, let through the engine's check here) used to be recomputed after every restart, failing the group
+    forever. Now the group is replaced twice, the request fails alone, and the others finish as they would."""
+    from rayinfer.scheduler.request_checks import RequestLimits
+
+    reference = LLM(str(llama_dir)).generate(PROMPTS, GREEDY, use_tqdm=False)
+    # One rank: a vocabulary split over ranks masks ids outside each rank's share, so nothing would raise.
+    llm = LLM(str(llama_dir), distributed_executor_backend="ray", max_num_batched_tokens=32)
+    try:
+        monkeypatch.setattr(RequestLimits, "check", lambda self, ids, params: None)
+        vocab = llm.engine.model_spec.vocab_size
+        for i, prompt in enumerate(PROMPTS[:2]):
+            llm.engine.add_request(str(i), prompt, GREEDY)
+        llm.engine.add_request("poison", None, GREEDY, prompt_token_ids=[5, vocab + 7, 6])
+        for i, prompt in enumerate(PROMPTS[2:], start=2):
+            llm.engine.add_request(str(i), prompt, GREEDY)
+        finished = run_to_end(llm.engine)
+        assert llm.engine.executor.generation == 3, "expected two replacements: one marks suspects, one names it"
+        assert finished["poison"].error and "failed the worker group twice" in finished["poison"].error
+        assert [finished[str(i)].outputs[0].token_ids for i in range(len(PROMPTS))] == [
+            o.outputs[0].token_ids for o in reference
+        ]
+        assert llm.engine.failure is None and llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
+    finally:
+        llm.shutdown()
+
+
 def test_two_engines_side_by_side_then_shutdown_releases_everything(llama_dir: Path, ray_session) -> None:
     from ray.util import placement_group_table
 

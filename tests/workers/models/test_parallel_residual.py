@@ -202,11 +202,21 @@ def _hf_qkv_heads(name: str, fused: torch.Tensor, hf_attention) -> tuple[torch.T
     if name.startswith("gpt_neox"):
         d = hf_attention.head_size
         q, k, v = as_activations.view(1, fused.shape[1], -1, 3 * d).chunk(3, dim=-1)
-    else:
+    elif hasattr(hf_attention, "_split_heads"):  # transformers <= 5.24
         q, k, v = hf_attention._split_heads(as_activations)
         if hf_attention.new_decoder_architecture:  # keys/values come broadcast to every query head: one per group
             group = hf_attention.num_heads // hf_attention.num_kv_heads
             k, v = k[:, :, ::group], v[:, :, ::group]
+    else:  # transformers 5.25 split inline in `FalconAttention.forward`; the same three layouts, written as it does
+        d, heads = hf_attention.head_dim, hf_attention.num_heads
+        fused_heads = as_activations.view(1, fused.shape[1], -1, d)
+        if hf_attention.new_decoder_architecture:  # per KV group: its queries, then its key and its value
+            grouped = as_activations.view(1, fused.shape[1], hf_attention.num_kv_heads, -1, d)
+            q, k, v = grouped[..., :-2, :].flatten(-3, -2), grouped[..., -2, :], grouped[..., -1, :]
+        elif hf_attention.multi_query:
+            q, k, v = fused_heads.split([heads, 1, 1], dim=-2)
+        else:  # query, key and value interleaved per head
+            q, k, v = fused_heads.unflatten(-2, (heads, 3)).unbind(-2)
     return tuple(t[0].permute(1, 2, 0) for t in (q, k, v))
 
 

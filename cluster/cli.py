@@ -100,8 +100,10 @@ def _serve(args: argparse.Namespace) -> int:
         name = app.args.get("served_model_name") or app.args["model"]
         url = f"http://{host}:{port}{app.route_prefix.rstrip('/')}"
         print(f"rayinfer is serving {name!r} at {url}", flush=True)
+        # The key itself is not printed: logs are read by more people than hold it.
+        auth = " -H \"Authorization: Bearer $RAYINFER_API_KEY\"" if app.args.get("api_key") else ""
         print(
-            f"  curl {url}/v1/completions -H 'Content-Type: application/json' "
+            f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
             f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
             flush=True,
         )

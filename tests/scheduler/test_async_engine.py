@@ -105,15 +105,18 @@ def _stalling_engine(llama_dir: Path, monkeypatch, **config):
 
     from rayinfer.workers import executor
 
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     class StallingExecutor(executor.InProcessExecutor):
         def execute(self, plan):
+            entered.set()
             gate.wait(30)
             return super().execute(plan)
 
     monkeypatch.setattr(executor, "default_executor_factory", lambda config: StallingExecutor)
-    return AsyncEngine(EngineConfig(model=str(llama_dir), **config)), gate
+    engine = AsyncEngine(EngineConfig(model=str(llama_dir), **config))
+    engine.step_entered = entered  # set once the step thread is inside a step (and so not reading its inbox)
+    return engine, gate
 
 
 def test_a_client_that_leaves_before_its_request_is_accepted_leaves_nothing_running(llama_dir, monkeypatch) -> None:
@@ -121,6 +124,7 @@ def test_a_client_that_leaves_before_its_request_is_accepted_leaves_nothing_runn
 
     async def run() -> None:
         first = await busy.open("first", "Hello", SamplingParams(max_tokens=2, **GREEDY))  # the step thread hangs
+        await asyncio.get_running_loop().run_in_executor(None, busy.step_entered.wait, 30)
         adding = asyncio.ensure_future(busy.open("left", "Hello", SamplingParams(max_tokens=400, **GREEDY)))
         await asyncio.sleep(0.2)
         assert not adding.done()  # still in the inbox: the step thread is busy

@@ -118,9 +118,9 @@ def test_a_rank_that_does_not_answer_in_time_is_a_worker_group_failure() -> None
             return super().execute(plan)
 
     servers, _ = _serve([FakeWorker(0), HungWorker(1)])
-    channel = StepChannel([s.address for s in servers], KEY, timeout_s=0.3)
-    try:
-        with pytest.raises(WorkerGroupFailure, match=r"rank\(s\) \[1\] did not answer within 0.3s"):
+    channel = StepChannel([s.address for s in servers], KEY, timeout_s=1.0)
+    try:  # (rank 0 answers at once, but on a loaded machine it might not within the second)
+        with pytest.raises(WorkerGroupFailure, match=r"rank\(s\) \[(0, )?1\] did not answer within 1s"):
             channel.receive(channel.send(_plan()))
     finally:
         release.set()

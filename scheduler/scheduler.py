@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rayinfer.scheduler.block_manager import BlockManager
-from rayinfer.scheduler.sequence import Sequence, SequenceStatus
+from rayinfer.scheduler.sequence import Request, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
 
@@ -146,14 +146,17 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         held = self._num_seqs_held()
-        # Requests in a step that failed the worker group run one at a time until cleared (failure_triage.py).
-        suspect_running = next((s.request for s in self.running if s.request.suspect_until is not None), None)
+        suspect_running: Request | None | bool = False  # looked up only when a suspect waits (rarely)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             seqs = 1 + len(seq.request.forks_pending)
             if held + seqs > self.limits.max_num_seqs:
                 break
             if seq.request.suspect_until is not None:
+                # Requests in a step that failed the worker group run one at a time until cleared (failure_triage.py).
+                if suspect_running is False:
+                    suspect_running = next((s.request for s in self.running if s.request.suspect_until is not None),
+                                           None)
                 if suspect_running is not None and suspect_running is not seq.request:
                     break
                 suspect_running = seq.request

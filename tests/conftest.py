@@ -76,12 +76,13 @@ def stream_deltas():
 
 @pytest.fixture(scope="session")
 def run_to_end():
-    """Returns run(engine, earlier=()) -> {request_id: whole output}: steps the engine until no request is left,
-    assembling each finished request's output from its deltas (after `earlier`, deltas the caller already took)."""
+    """Returns run(engine, earlier=(), max_steps=None) -> {request_id: whole output}: steps the engine until no
+    request is left, assembling each finished request's output from its deltas (after `earlier`, deltas the caller
+    already took); past `max_steps` steps it fails instead of looping on."""
     from rayinfer.scheduler.outputs import OutputAssembler
 
-    def run(engine, earlier=()):
-        assembler, finals = OutputAssembler(), {}
+    def run(engine, earlier=(), max_steps=None):
+        assembler, finals, steps = OutputAssembler(), {}, 0
 
         def add(deltas):
             for delta in deltas:
@@ -91,6 +92,8 @@ def run_to_end():
 
         add(earlier)
         while engine.has_unfinished_requests():
+            steps += 1
+            assert max_steps is None or steps <= max_steps, f"requests still unfinished after {max_steps} steps"
             add(engine.step())
         return finals
 

@@ -10,7 +10,6 @@ import pytest
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.engine import Engine
 from rayinfer.scheduler.failure_triage import FailureTriage
-from rayinfer.scheduler.outputs import OutputAssembler, RequestOutput
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.scheduler.sequence import Request
 from rayinfer.workers.executor_interface import Executor, WorkerGroupFailure
@@ -58,25 +57,14 @@ def make_engine(model_dir: Path, fail_all: bool = False, **config) -> Engine:
     return engine
 
 
-def drain(engine: Engine, max_steps: int = 500) -> dict[str, RequestOutput]:
-    finals, assembler = {}, OutputAssembler()
-    for _ in range(max_steps):
-        if not engine.has_unfinished_requests():
-            return finals
-        for delta in engine.step():
-            if (output := assembler.add(delta)) is not None:
-                finals[output.request_id] = output
-    raise AssertionError(f"requests still unfinished after {max_steps} steps")
-
-
-def test_a_poison_request_fails_alone_and_the_others_finish(llama_dir: Path) -> None:
+def test_a_poison_request_fails_alone_and_the_others_finish(llama_dir: Path, run_to_end) -> None:
     engine = make_engine(llama_dir)
     honest = {f"ok-{i}": [20 + i] * (5 + 7 * i) for i in range(3)}  # prompts long enough to take several chunks
     engine.add_request("ok-0", None, SamplingParams(max_tokens=6), prompt_token_ids=honest["ok-0"])
     engine.add_request("poison", None, SamplingParams(max_tokens=6, n=2), prompt_token_ids=[POISON] + [30] * 40)
     for rid in ("ok-1", "ok-2"):
         engine.add_request(rid, None, SamplingParams(max_tokens=6), prompt_token_ids=honest[rid])
-    finals = drain(engine)
+    finals = run_to_end(engine, max_steps=500)
     bad = finals["poison"]
     assert bad.error is not None and "failed the worker group twice" in bad.error and "IndexError" in bad.error
     assert {o.finish_reason for o in bad.outputs} == {"error"}
@@ -90,11 +78,11 @@ def test_a_poison_request_fails_alone_and_the_others_finish(llama_dir: Path) -> 
     assert any(engine.executor.steps_with_suspects) and not any(r.suspect_until for r in engine.requests.values())
 
 
-def test_restarts_past_the_budget_fail_the_engine(llama_dir: Path) -> None:
+def test_restarts_past_the_budget_fail_the_engine(llama_dir: Path, run_to_end) -> None:
     engine = make_engine(llama_dir, fail_all=True, max_worker_restarts_per_minute=2)
     for i in range(3):
         engine.add_request(f"r{i}", None, SamplingParams(max_tokens=4), prompt_token_ids=[20 + i] * 4)
-    finals = drain(engine)
+    finals = run_to_end(engine, max_steps=500)
     assert engine.executor.num_restarts == 2
     assert engine.failure is not None and "max_worker_restarts_per_minute" in engine.failure
     assert all(out.error for out in finals.values()) and len(finals) == 3
@@ -146,17 +134,17 @@ def test_out_of_vocab_ids_in_any_field_are_refused_by_the_engine(llama_dir: Path
     assert info.value.field == field and not engine.requests
 
 
-def test_stop_strings_are_capped_in_number_and_length(llama_dir: Path) -> None:
+def test_stop_strings_are_capped_in_number_and_length(llama_dir: Path, run_to_end) -> None:
     engine = make_engine(llama_dir, max_stop_strings=2, max_stop_string_length=5)
     with pytest.raises(ValueError, match="3 stop strings given; this engine's max_stop_strings is 2"):
         engine.add_request("r", None, SamplingParams(stop=["a", "b", "c"]), prompt_token_ids=[20])
     with pytest.raises(ValueError, match="6 characters is too long; this engine's max_stop_string_length is 5"):
         engine.add_request("r", None, SamplingParams(stop=["abcdef"]), prompt_token_ids=[20])
     engine.add_request("r", None, SamplingParams(stop=["a", "abcde"], max_tokens=2), prompt_token_ids=[20])
-    assert drain(engine)["r"].outputs[0].token_ids == [TOKEN, TOKEN]
+    assert run_to_end(engine, max_steps=500)["r"].outputs[0].token_ids == [TOKEN, TOKEN]
 
 
-def test_stats_count_requests_and_sequences_apart(llama_dir: Path) -> None:
+def test_stats_count_requests_and_sequences_apart(llama_dir: Path, run_to_end) -> None:
     """(Here for the fake executor.) An n=4 request is one running request of four sequences."""
     engine = make_engine(llama_dir)
     engine.add_request("four", None, SamplingParams(n=4, temperature=1.0, max_tokens=8), prompt_token_ids=[20] * 5)
@@ -168,5 +156,5 @@ def test_stats_count_requests_and_sequences_apart(llama_dir: Path) -> None:
     stats = engine.stats()
     assert (stats["num_running"], stats["num_waiting"]) == (2, 0)
     assert (stats["num_running_sequences"], stats["num_waiting_sequences"]) == (5, 0)
-    drain(engine)
+    run_to_end(engine, max_steps=500)
     assert engine.stats()["num_running"] == engine.stats()["num_running_sequences"] == 0

@@ -81,7 +81,7 @@ def test_tokens_match_the_per_step_build(llama_dir: Path, setup: str) -> None:
     assert generate(llama_dir, setup) == EXPECTED
 
 
-def test_a_row_whose_draw_raises_fails_alone(llama_dir: Path, monkeypatch) -> None:
+def test_a_row_whose_draw_raises_fails_alone(llama_dir: Path, monkeypatch, run_to_end) -> None:
     """Settings that make the sampler raise (an id past the vocabulary, which the engine refuses at the edge: the
     test lets it through) fail their request only; the batch is drawn row by row and the others go on."""
     from rayinfer.scheduler.request_checks import RequestLimits
@@ -99,14 +99,7 @@ def test_a_row_whose_draw_raises_fails_alone(llama_dir: Path, monkeypatch) -> No
     engine.add_request("bad", None, SamplingParams(max_tokens=6, logit_bias={vocab + 5: 1.0}),
                        prompt_token_ids=PROMPTS[2])
     engine.add_request("ok-1", None, greedy[1], prompt_token_ids=PROMPTS[1])
-    finals = {}
-    from rayinfer.scheduler.outputs import OutputAssembler
-
-    assembler = OutputAssembler()
-    while engine.has_unfinished_requests():
-        for delta in engine.step():
-            if (out := assembler.add(delta)) is not None:
-                finals[out.request_id] = out
+    finals = run_to_end(engine)
     assert finals["bad"].error.startswith("sampling failed:") and finals["bad"].outputs[0].finish_reason == "error"
     assert [finals["ok-0"].outputs[0].token_ids, finals["ok-1"].outputs[0].token_ids] == alone
     assert engine.num_free_blocks == engine.block_manager.num_blocks and not engine.executor.worker.sequences

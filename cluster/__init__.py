@@ -1,7 +1,17 @@
 """The front doors of rayinfer: the offline `LLM` (and, with the serve extra, the Ray Serve app)."""
 import rayinfer.configs.source_tree  # noqa: F401 - keeps a checkout's bare folders from shadowing PyPI packages
 from rayinfer.cluster.llm import LLM
-from rayinfer.scheduler.outputs import CompletionOutput, Logprob, RequestOutput
+from rayinfer.scheduler.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestOutput,
+)
+from rayinfer.scheduler.pooling_params import PoolingParams
 from rayinfer.scheduler.sampling_params import BeamSearchParams, SamplingParams
 
-__all__ = ["LLM", "BeamSearchParams", "CompletionOutput", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM", "BeamSearchParams", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "Logprob",
+    "PoolingParams", "RequestOutput", "SamplingParams",
+]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -13,7 +14,8 @@ from rayinfer.configs import EngineConfig
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     fields = EngineConfig.model_fields
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the built-in tiny model)")
+    group.add_argument("--model", default=None, help="a Hugging Face checkpoint folder, or a Hub id (org/name) "
+                       "fetched with huggingface_hub (default: the built-in demo model, rayinfer-demo)")
     for name, info in fields.items():
         if name == "model":
             continue
@@ -58,6 +60,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _served_apps(args: argparse.Namespace) -> tuple[str, int, list]:
     """The applications to deploy: the config file's (if given) with the command line's overrides on top."""
     from rayinfer.cluster.serve_config import ServeConfig, ServedApp, load_serve_config
+    from rayinfer.workers.model_source import check_model_source
 
     config = load_serve_config(args.config) if args.config else ServeConfig(apps=[ServedApp("rayinfer", "/", {})])
     overrides = _engine_kwargs(args)
@@ -69,11 +72,12 @@ def _served_apps(args: argparse.Namespace) -> tuple[str, int, list]:
         overrides["served_model_name"] = args.served_model_name
     for app in config.apps:
         app.args.update(overrides)
-        if app.args.get("model") is None:  # resolved here so the printed name and the replicas agree
-            from rayinfer.workers.tiny_checkpoint import default_tiny_model_dir
+        if app.args.get("model") is None:  # named here so the printed name and the replicas agree
+            from rayinfer.workers.demo_model import DEMO_MODEL_NAME
 
-            app.args["model"] = str(default_tiny_model_dir())
-        EngineConfig(**{k: v for k, v in app.args.items() if k != "served_model_name"})  # bad args fail before Ray
+            app.args["model"] = DEMO_MODEL_NAME
+        engine_config = EngineConfig(**{k: v for k, v in app.args.items() if k != "served_model_name"})  # bad args
+        check_model_source(engine_config)  # and a Hub id that is not there (or not cached, offline) fail before Ray
     host = args.host if args.host is not None else config.host
     port = args.port if args.port is not None else config.port
     return host, port, config.apps
@@ -158,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("config", nargs="?", help="a Serve config file (configs/serve/*.yaml); flags override it")
     serve_cmd.add_argument("--host", default=None, help="HTTP host (default: the config's, else 127.0.0.1)")
     serve_cmd.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, else 8000)")
-    serve_cmd.add_argument("--served-model-name", default=None, help="the model name clients send (default: the path)")
+    serve_cmd.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model as given)")
     serve_cmd.add_argument(
         "--ray-address",
         default="auto",
@@ -171,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", nargs="?", help="the benchmark, e.g. step-overhead")
     bench.add_argument("script_args", nargs=argparse.REMAINDER, help="passed to the script")
     bench.set_defaults(handler=_bench)
+
+    from rayinfer.cluster import chat_client  # imports openai only when a client runs
+
+    for name, help_ in (("chat", "chat with a running server (answers streamed, the conversation kept)"),
+                        ("complete", "complete prompts with a running server (streamed)")):
+        client_cmd = commands.add_parser(name, help=help_, description=help_)
+        chat_client.add_arguments(client_cmd, chat=name == "chat")
+        client_cmd.set_defaults(handler=functools.partial(chat_client.run, chat=name == "chat"))
     return parser
 
 

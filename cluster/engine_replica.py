@@ -40,6 +40,7 @@ class EngineReplica:
             "max_logprobs": engine.config.max_logprobs,
             "eos_token_ids": sorted(engine.eos_token_ids),
             "vocab_size": engine.model_spec.vocab_size,
+            "hidden_size": engine.model_spec.hidden_size,
         }
 
     def stream(

@@ -11,7 +11,15 @@ from tqdm.auto import tqdm
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.engine import Engine
 from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
-from rayinfer.scheduler.outputs import CompletionOutput, OutputAssembler, PositionLogprobs, RequestOutput
+from rayinfer.scheduler.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    OutputAssembler,
+    PositionLogprobs,
+    RequestOutput,
+)
+from rayinfer.scheduler.pooling_params import PoolingParams
 from rayinfer.scheduler.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -34,9 +42,9 @@ def _normalise_prompt(prompt: PromptType) -> tuple[str | None, list[int] | None]
 class LLM:
     def __init__(self, model: str | None = None, **engine_args: Any) -> None:
         if model is None:
-            from rayinfer.workers.tiny_checkpoint import default_tiny_model_dir
+            from rayinfer.workers.demo_model import DEMO_MODEL_NAME
 
-            model = str(default_tiny_model_dir())
+            model = DEMO_MODEL_NAME
         self.engine = Engine(EngineConfig(model=model, **engine_args))
         self._request_ids = itertools.count()
 
@@ -69,6 +77,28 @@ class LLM:
                 )
         request_ids = self._add_all(prompts, params_list)
         return self._run(request_ids, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """Each prompt's embedding, in input order: the final hidden state of its last token, L2-normalised (vLLM's
+        default pooling for decoder models). The prompts run through the engine like any other (prefill only) and
+        free their KV blocks as they finish."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = pooling_params or PoolingParams()
+        outputs = self._run(self._add_all(prompts, [params] * len(prompts)), use_tqdm)
+        failed = next((output for output in outputs if output.error), None)
+        if failed is not None:
+            raise RuntimeError(f"embedding request {failed.request_id} failed: {failed.error}")
+        return [
+            EmbeddingRequestOutput(output.request_id, output.prompt_token_ids, EmbeddingOutput(output.embedding))
+            for output in outputs
+        ]
 
     def chat(
         self,
@@ -177,7 +207,7 @@ class LLM:
             )
         return outputs
 
-    def _add_all(self, prompts: list[PromptType], params_list: list[SamplingParams]) -> list[str]:
+    def _add_all(self, prompts: list[PromptType], params_list: Sequence[SamplingParams | PoolingParams]) -> list[str]:
         request_ids: list[str] = []
         try:
             for prompt, params in zip(prompts, params_list):

@@ -42,20 +42,20 @@ def build_app(
 
 
 def app_builder(args: dict[str, Any]) -> Any:
-    """The `import_path` of Serve config files (`serve run configs/serve/tiny.yaml`); Serve applies the file's
+    """The `import_path` of Serve config files (`serve run configs/serve/demo.yaml`); Serve applies the file's
     `deployments:` settings itself, and requires a builder to take exactly this one argument."""
     return build_app_from_args(args)
 
 
 def build_app_from_args(args: dict[str, Any], deployment_options: dict[str, dict[str, Any]] | None = None) -> Any:
     """The application for a config file's `args`: engine arguments plus `served_model_name`; a missing or null
-    `model` serves the built-in tiny checkpoint."""
+    `model` serves the built-in demo model (`rayinfer-demo`)."""
     engine_args = dict(args)
     served_model_name = engine_args.pop("served_model_name", None)
     model = engine_args.pop("model", None)
     if model is None:
-        from rayinfer.workers.tiny_checkpoint import default_tiny_model_dir
+        from rayinfer.workers.demo_model import DEMO_MODEL_NAME
 
-        model = str(default_tiny_model_dir())
+        model = DEMO_MODEL_NAME
     config = EngineConfig(model=model, **engine_args)
     return build_app(config, served_model_name=served_model_name, deployment_options=deployment_options)

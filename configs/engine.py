@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -25,8 +25,16 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # A local checkpoint folder, or a Hugging Face Hub id (`org/name`) fetched into the Hub cache
+    # (rayinfer.workers.model_source); the name stays as given, and is the served model name by default.
     model: str
     tokenizer: str | None = None
+    revision: str | None = Field(None, description="Hub revision of a model given by Hub id: branch, tag or commit "
+                                 "hash (default: main)")
+    tokenizer_revision: str | None = Field(None, description="Hub revision of the tokenizer (default: --revision "
+                                           "when the tokenizer is the model's, else main)")
+    download_dir: str | None = Field(None, description="Hugging Face cache folder that Hub models are fetched into "
+                                     "and read from (default: HF_HUB_CACHE, else $HF_HOME/hub)")
     dtype: Dtype = "auto"
     max_model_len: int | None = None
     block_size: int = 16
@@ -71,7 +79,16 @@ class EngineConfig(BaseModel):
     @classmethod
     def _non_empty_path(cls, value: str | None, info: Any) -> str | None:
         if value is not None and not value.strip():
-            raise ValueError(f"{info.field_name} must be a non-empty path to a Hugging Face checkpoint folder")
+            raise ValueError(
+                f"{info.field_name} must be a non-empty path to a Hugging Face checkpoint folder, or a Hub id"
+            )
+        return value
+
+    @field_validator("revision", "tokenizer_revision", "download_dir")
+    @classmethod
+    def _non_empty_name(cls, value: str | None, info: Any) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"{info.field_name} must be non-empty when given")
         return value
 
     @field_validator("dtype", mode="before")

@@ -21,6 +21,7 @@ from rayinfer.scheduler.output_deltas import request_delta
 from rayinfer.scheduler.output_processor import OutputProcessor
 from rayinfer.scheduler.outputs import RequestOutput
 from rayinfer.scheduler.plan_builder import PlanBuilder
+from rayinfer.scheduler.pooling_params import PoolingParams
 from rayinfer.scheduler.request_checks import RequestLimits
 from rayinfer.scheduler.request_errors import InvalidRequestError
 from rayinfer.scheduler.sampling_params import SamplingParams
@@ -33,6 +34,8 @@ from rayinfer.workers.step_plan import StepPlan
 logger = logging.getLogger(__name__)
 
 _SEED_MASK = (1 << 63) - 1
+# What an embedding request's one sequence carries to the workers: it never draws, so any valid settings do.
+_POOLING_SAMPLING = SamplingParams(max_tokens=1, temperature=0.0)
 
 
 def _sequence_seed(request_seed: int, index: int) -> int:
@@ -51,12 +54,13 @@ class Engine:
 
         from rayinfer.configs import resolved_limits
         from rayinfer.workers.model_config import check_tensor_parallel, load_model_spec
+        from rayinfer.workers.model_source import checkpoint_dir, tokenizer_dir
 
         self.config = config
         self.engine_id = engine_id or uuid.uuid4().hex[:8]  # names this engine's Ray actors and placement group
-        self.model_spec = load_model_spec(config.model)
+        self.model_spec = load_model_spec(checkpoint_dir(config))  # config.model may be a Hub id: fetched here
         check_tensor_parallel(self.model_spec, config.tensor_parallel_size)
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(config)))
         self.max_model_len, self.max_num_batched_tokens = resolved_limits(config, self.model_spec.max_model_len_limit)
         if executor_factory is None:
             from rayinfer.workers.executor import default_executor_factory
@@ -110,11 +114,11 @@ class Engine:
         self,
         request_id: str,
         prompt: str | None,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         prompt_token_ids: list[int] | None = None,
     ) -> None:
         """Checks and queues a request; raises InvalidRequestError (naming the field and limit) if it can never
-        run."""
+        run. With `PoolingParams` it is an embedding request: its prompt runs once and it ends with the embedding."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         if prompt_token_ids is None:
@@ -124,7 +128,13 @@ class Engine:
                 raise InvalidRequestError.about("prompt", "must not be empty")
             prompt_token_ids = self.tokenizer.encode(prompt)
         prompt_token_ids = list(prompt_token_ids)
-        self.limits.check(prompt_token_ids, params)
+        pooling = None
+        if isinstance(params, PoolingParams):
+            pooling, params = params, _POOLING_SAMPLING
+            prompt_token_ids = pooling.truncate(prompt_token_ids)
+            self.limits.check_pooling(prompt_token_ids)
+        else:
+            self.limits.check(prompt_token_ids, params)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         eos = frozenset() if params.ignore_eos else self.eos_token_ids
         request = Request(
@@ -136,6 +146,7 @@ class Engine:
             max_tokens=max_tokens,
             stop_token_ids=eos | frozenset(params.stop_token_ids),
             eos_token_ids=eos,
+            pooling=pooling,
         )
         request_seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         for index in range(params.num_sequences):
@@ -249,6 +260,9 @@ class Engine:
         else:
             tokens, sample_logprobs = result, None
         touched: dict[str, Request] = {}
+        if any(s.pools for s in plan.scheduled):
+            embeddings = result.embeddings if isinstance(result, StepOutput) else None
+            self._finish_pooled(plan, embeddings or {}, touched)
         sampled = (s.seq for s in plan.scheduled if s.samples)
         for seq, token_id in zip(sampled, tokens, strict=True):
             if seq.is_finished:
@@ -276,6 +290,22 @@ class Engine:
             if request.is_finished:
                 del self.requests[request.request_id]
         return outputs
+
+    def _finish_pooled(self, plan: SchedulerOutput, embeddings: dict[int, list[float]],
+                       touched: dict[str, Request]) -> None:
+        """Ends the embedding requests whose prompt's last chunk ran in this step, freeing their blocks."""
+        for scheduled in plan.scheduled:
+            seq = scheduled.seq
+            if not scheduled.pools or seq.is_finished:
+                continue
+            touched[seq.request.request_id] = seq.request
+            embedding = embeddings.get(seq.seq_id)
+            if embedding is None:
+                self._fail_request(seq.request, "the workers returned no embedding for this request")
+                continue
+            seq.request.embedding = embedding
+            seq.finish_reason = "stop"
+            self._release(seq)
 
     def _flush_forgotten(self) -> None:
         """With nothing left to run, tells the workers now (not at the next step) to drop ended sequences."""

@@ -26,6 +26,8 @@ def request_delta(request: Request) -> RequestOutput | None:
     """The part of the request's output not sent yet, or None when there is nothing new."""
     params = request.params
     finished = request.is_finished
+    if request.pooling is not None:
+        return _pooling_delta(request) if finished else None
     if params.num_sequences > params.n and not finished:
         return None
     holdback = stop_holdback(params.stop)
@@ -51,6 +53,19 @@ def request_delta(request: Request) -> RequestOutput | None:
         finished=finished,
         error=request.error,
         prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _pooling_delta(request: Request) -> RequestOutput:
+    """An embedding request's one delta: the prompt's ids and the embedding (or the error)."""
+    request.prompt_sent = True
+    return RequestOutput(
+        request_id=request.request_id,
+        prompt=request.prompt,
+        prompt_token_ids=request.prompt_token_ids,
+        finished=True,
+        error=request.error,
+        embedding=request.embedding,
     )
 
 

@@ -48,6 +48,9 @@ class RequestOutput:
     error: str | None = None  # why the request ended early, when it did
     # One entry per prompt token when prompt_logprobs asked (the first None: nothing predicts it).
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # An embedding request's result (`PoolingParams`): the final hidden state of the prompt's last token,
+    # L2-normalised; it has no `outputs`.
+    embedding: list[float] | None = None
 
     def add(self, delta: RequestOutput) -> None:
         """Appends a later delta of the same request to this (assembled) output."""
@@ -69,8 +72,25 @@ class RequestOutput:
         self.outputs.sort(key=lambda completion: completion.index)
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = delta.prompt_logprobs
+        if delta.embedding is not None:
+            self.embedding = delta.embedding
         self.finished = delta.finished
         self.error = delta.error or self.error
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What `LLM.embed` returns per prompt, shaped as vLLM's."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
 
 
 class OutputAssembler:

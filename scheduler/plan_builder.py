@@ -41,6 +41,7 @@ class PlanBuilder:
                     new_blocks=seq.block_table[sent:],
                     reset_blocks=sent == 0,
                     sample=item.samples,
+                    pool=item.pools,
                 )
             )
             self._sent_blocks[seq.seq_id] = len(seq.block_table)

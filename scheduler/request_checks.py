@@ -28,10 +28,24 @@ class RequestLimits:
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         self._check_fits_pool(len(prompt_token_ids), max_tokens)
 
-    def _check_prompt(self, token_ids: list[int]) -> None:
+    def check_pooling(self, prompt_token_ids: list[int]) -> None:
+        """An embedding request: its whole prompt must fit the context and the pool (no output follows it)."""
+        if len(prompt_token_ids) > self.max_model_len:
+            raise InvalidRequestError.about(
+                "input", f"{len(prompt_token_ids)} tokens is too long; max_model_len is {self.max_model_len} (set "
+                "truncate_prompt_tokens to embed the last tokens only)",
+            )
+        self._check_prompt(prompt_token_ids, leave_room=False)
+        if blocks_for(len(prompt_token_ids), self.block_size) > self.num_blocks:
+            raise InvalidRequestError.about(
+                "input", f"{len(prompt_token_ids)} tokens need more KV cache than the whole pool holds "
+                f"({self.num_blocks} blocks of {self.block_size} tokens)",
+            )
+
+    def _check_prompt(self, token_ids: list[int], leave_room: bool = True) -> None:
         if not token_ids:
             raise InvalidRequestError.about("prompt", "must not be empty")
-        if len(token_ids) >= self.max_model_len:
+        if leave_room and len(token_ids) >= self.max_model_len:
             raise InvalidRequestError.about(
                 "prompt",
                 f"{len(token_ids)} tokens is too long; max_model_len is {self.max_model_len} and at least one token "

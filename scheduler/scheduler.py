@@ -31,10 +31,13 @@ class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
     samples: bool  # a sequence draws a token once this step leaves none of its known tokens uncomputed
+    pools: bool = False  # ...or, for an embedding request, returns its embedding there instead
 
     @classmethod
     def of(cls, seq: Sequence, num_new_tokens: int) -> ScheduledSequence:
-        return cls(seq, num_new_tokens, num_new_tokens == seq.num_uncomputed_tokens)
+        ends_text = num_new_tokens == seq.num_uncomputed_tokens
+        pooling = seq.request.pooling is not None
+        return cls(seq, num_new_tokens, ends_text and not pooling, ends_text and pooling)
 
 
 @dataclass

@@ -5,6 +5,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from rayinfer.scheduler.pooling_params import PoolingParams
 from rayinfer.scheduler.sampling_params import SamplingParams
 from rayinfer.workers.sampling_options import SamplingOptions
 from rayinfer.workers.step_plan import PENDING_TOKEN
@@ -108,6 +109,9 @@ class Request:
     # Set when a step of this request failed the worker group: it runs alone among suspects until it has drawn
     # this many tokens (see failure_triage.py).
     suspect_until: int | None = None
+    # An embedding request (prefill only): how to pool its prompt, and the embedding once its last chunk ran.
+    pooling: PoolingParams | None = None
+    embedding: list[float] | None = None
 
     def __post_init__(self) -> None:
         # What the sampling worker gets: `params` lowered once, when the request is made.

@@ -121,14 +121,15 @@ class ModelRunner:
         spans: list[tuple[int, int, int, int]] = []
         if any(chunk.prompt_logprobs for chunk in plan.chunks):
             prompt_rows, prompt_scored, spans = self.prompt_logprob_rows(plan, sequences)
+        embeddings = self._embeddings(plan, hidden) if with_logprobs and any(c.pool for c in plan.chunks) else None
         if sample_rows.numel() == 0 and not prompt_rows:
-            return StepOutput([])
+            return StepOutput([], embeddings=embeddings)
         rows = torch.cat([sample_rows, self._tensor(prompt_rows)]) if prompt_rows else sample_rows
         logits = self.model.compute_logits(hidden[rows])  # a collective under tensor parallelism
         num_samples = sample_rows.numel()
         sample_logits = logits[:num_samples]
         sampling_seq_ids = [chunk.seq_id for chunk in plan.chunks if chunk.sample]
-        out = StepOutput([])
+        out = StepOutput([], embeddings=embeddings)
         if sampling_seq_ids:
             step_rows = self.sampling_batch.step_rows(sampling_seq_ids)
             token_ids, out.failed = self._sample(sample_logits, self.sampling_batch.tensors(step_rows), sampling_seq_ids)
@@ -147,6 +148,19 @@ class ModelRunner:
                 out.prompt_logprobs[seq_id] = (first_position, entries[start : start + n])
                 start += n
         return out
+
+    @staticmethod
+    def _embeddings(plan: StepPlan, hidden: torch.Tensor) -> dict[int, list[float]]:
+        """Each pooling chunk's last row of the final hidden state (after the final norm, as transformers'
+        `last_hidden_state`), L2-normalised in float32: vLLM's default pooling for decoder models."""
+        rows, seq_ids, end = [], [], 0
+        for chunk in plan.chunks:
+            end += len(chunk.token_ids)
+            if chunk.pool:
+                rows.append(end - 1)
+                seq_ids.append(chunk.seq_id)
+        pooled = torch.nn.functional.normalize(hidden[rows].float(), p=2.0, dim=-1).cpu()
+        return dict(zip(seq_ids, pooled.tolist()))
 
     def _sample(self, logits: torch.Tensor, tensors: SamplingTensors, seq_ids: list[int]
                 ) -> tuple[torch.Tensor, dict[int, str] | None]:

@@ -26,5 +26,7 @@ class StepOutput:
     # seq_id -> (position of the first prompt token scored, one entry per prompt token scored from there on),
     # for chunks the plan marked with `prompt_logprobs`.
     prompt_logprobs: dict[int, tuple[int, list[TopLogprobs]]] | None = None
+    # seq_id -> its embedding (the final hidden state of its last token, L2-normalised), for chunks marked `pool`.
+    embeddings: dict[int, list[float]] | None = None
     # seq_id -> why its draw failed (its token is a placeholder); the engine fails its request alone.
     failed: dict[int, str] | None = None

@@ -48,6 +48,8 @@ class SequenceChunk:
     sample: bool  # draws a token: this chunk ends the sequence's known text
     # Return logprobs (params.prompt_logprobs of them) of the prompt tokens this chunk's rows predict.
     prompt_logprobs: bool = False
+    # An embedding request's last chunk: return its last row's final hidden state, L2-normalised, instead of a draw.
+    pool: bool = False
 
 
 @dataclass

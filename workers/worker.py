@@ -18,6 +18,7 @@ from rayinfer.workers.sampling_options import SamplingOptions
 from rayinfer.workers.step_plan import PENDING_TOKEN, NewSequence, SampleRequest, SequenceChunk, StepPlan
 from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
 from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.model_source import checkpoint_dir
 from rayinfer.workers.cuda_graphs import DecodeGraphs
 from rayinfer.workers.model_runner import ModelRunner
 from rayinfer.workers.parallel_state import set_tensor_parallel_group
@@ -120,7 +121,9 @@ class Worker:
         set_tensor_parallel_group(self.rank, self.world_size)
 
     def load_model(self) -> None:
-        self.model = build_model(self.spec, self.config.model, self.dtype, self.device, self.max_model_len)
+        # Each worker resolves a Hub id itself, fetching into its own node's cache.
+        folder = checkpoint_dir(self.config)
+        self.model = build_model(self.spec, folder, self.dtype, self.device, self.max_model_len)
 
     def _block_bytes(self) -> int:
         kv_heads = max(1, self.spec.num_kv_heads // self.world_size)

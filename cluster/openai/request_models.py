@@ -7,7 +7,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Request(BaseModel):
@@ -39,16 +48,30 @@ class StreamOptions(_Request):
 
 
 class TextContentPart(_Request):
+    """One part of a message's `content` list. Only text: the models served read no images, audio or files."""
+
     type: Literal["text"]
     text: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        # One error at `type` (not also "text: Field required" for an image part), in words the client can act on.
+        if isinstance(data, dict) and "type" in data and data["type"] != "text":
+            error = ValueError(f"content parts of type {repr(data['type'])[:64]} are not supported: only text parts "
+                               "(type 'text') are supported")
+            raise ValidationError.from_exception_data(cls.__name__, [
+                {"type": "value_error", "loc": ("type",), "input": data["type"], "ctx": {"error": error}}])
+        return data
+
 
 class ChatMessage(_Request):
-    """One chat turn; `content` is a string or a list of text parts (no images)."""
+    """One chat turn; `content` is a string, a list of text parts (joined by newlines, as vLLM does for templates
+    that take string content) or null (an assistant turn that only called tools: an empty string)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextContentPart], None] = None
-    name: Optional[str] = None
+    name: Optional[str] = None  # reaches the chat template, as in vLLM
     tool_call_id: Optional[str] = None
 
     @model_validator(mode="after")
@@ -64,6 +87,16 @@ class ChatMessage(_Request):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+    def template_message(self) -> dict[str, str]:
+        """The message as the chat template sees it: role, content as one string, and `name` (and a tool result's
+        `tool_call_id`) when given, as vLLM passes them."""
+        message = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.role == "tool" and self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class SamplingRequest(_Request):

@@ -23,6 +23,8 @@ from rayinfer.cluster.engine_replica import EngineReplica
 from rayinfer.cluster.metrics import render_prometheus
 from rayinfer.cluster.openai import api_key, body_checks, openapi_docs
 from rayinfer.cluster.openai.beam_search import serve_beam_search
+from rayinfer.cluster.openai.embeddings import EmbeddingRequest, EmbeddingResponse, serve_embeddings
+from rayinfer.cluster.openai.chat_template import render_chat
 from rayinfer.cluster.openai.engine_calls import cancel, first_deltas, merged, open_stream, whole_output
 from rayinfer.cluster.openai.errors import (
     engine_ended,
@@ -106,7 +108,9 @@ class LLMServer:
         self.engine = (engine_factory or EngineReplica)(config)
         self.model_name = served_model_name
         self.max_prompts = config.max_prompts_per_request
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
+        from rayinfer.workers.model_source import tokenizer_dir
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(config)))  # the model may be a Hub id
         self._engine_info = self.engine.info()
 
     def check_health(self) -> None:
@@ -172,6 +176,14 @@ class LLMServer:
                                   param="tokens")
         return DetokenizeResponse(prompt=self.tokenizer.decode(body.tokens))
 
+    @app.post("/v1/embeddings", responses=openapi_docs.body_route(EmbeddingResponse))
+    async def embeddings(self, body: EmbeddingRequest) -> Any:
+        """Each input's final hidden state at its last token, L2-normalised (`openai/embeddings.py`)."""
+        if (missing := self._unknown_model(body.model)) is not None:
+            return missing
+        return await serve_embeddings(self.engine, self.tokenizer, self._engine_info, body, self.model_name,
+                                      self.max_prompts)
+
     # ------------------------------------------------------------------ generation
     @app.post("/v1/completions", responses=openapi_docs.generation(CompletionResponse))
     async def completions(self, body: CompletionRequest) -> Any:
@@ -194,16 +206,9 @@ class LLMServer:
         return await self._serve(body, [(text, self.tokenizer.encode(text, add_special_tokens=False))])
 
     def _chat_text(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-        """The conversation through the model's chat template; a template that refuses it (a role or an order it
-        cannot take: templates raise on purpose) or has none is the request's 400, not a server error."""
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        try:
-            return self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except Exception as exc:  # noqa: BLE001 - jinja's TemplateError, transformers' ValueError, ...
-            raise InvalidRequestError(f"messages: the model's chat template cannot take these messages: "
-                                      f"{type(exc).__name__}: {exc}", "messages") from exc
+        """The conversation through the model's chat template (`chat_template.render_chat`: names reach it; one it
+        refuses is an `InvalidRequestError`, the request's 400)."""
+        return render_chat(self.tokenizer, messages, add_generation_prompt)
 
     def _encode(self, prompt: str | list[int]) -> PromptInput:
         if isinstance(prompt, str):

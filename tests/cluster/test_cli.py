@@ -28,7 +28,7 @@ def test_bad_engine_arg_is_a_clean_error(llama_dir: Path, capsys) -> None:
     assert "block_size" in capsys.readouterr().err
 
 
-TINY_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "serve" / "tiny.yaml"
+DEMO_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "serve" / "demo.yaml"
 
 
 def test_serve_flags_override_the_config_file(llama_dir: Path) -> None:
@@ -36,17 +36,17 @@ def test_serve_flags_override_the_config_file(llama_dir: Path) -> None:
     from rayinfer.cluster.cli import _served_apps, build_parser
 
     args = build_parser().parse_args(
-        ["serve", str(TINY_SERVE_CONFIG), "--model", str(llama_dir), "--port", "9100", "--max-num-seqs", "4"]
+        ["serve", str(DEMO_SERVE_CONFIG), "--model", str(llama_dir), "--port", "9100", "--max-num-seqs", "4"]
     )
     host, port, apps = _served_apps(args)
     assert (host, port) == ("127.0.0.1", 9100)  # host from the file, port from the flag
     assert apps[0].args["model"] == str(llama_dir) and apps[0].args["max_num_seqs"] == "4"
-    assert apps[0].args["served_model_name"] == "tiny" and apps[0].args["device"] == "cpu"
+    assert apps[0].args.get("served_model_name") is None and apps[0].args["device"] == "cpu"
     assert apps[0].deployment_options["LLMServer"]["autoscaling_config"]["max_replicas"] == 2
 
 
 def test_serve_refuses_bad_engine_args_before_starting_ray(capsys) -> None:
-    assert main(["serve", str(TINY_SERVE_CONFIG), "--block-size", "24"]) == 2
+    assert main(["serve", str(DEMO_SERVE_CONFIG), "--block-size", "24"]) == 2
     assert "block_size" in capsys.readouterr().err
 
 
@@ -76,7 +76,7 @@ def test_serve_answers_and_stops_cleanly_on_ctrl_c(llama_dir: Path, tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         # A Ray instance of its own, never the test session's (nor any other on this machine).
-        [rayinfer, "serve", str(TINY_SERVE_CONFIG), "--model", str(llama_dir), "--port", str(port), "--ray-address", "local"],
+        [rayinfer, "serve", str(DEMO_SERVE_CONFIG), "--model", str(llama_dir), "--port", str(port), "--ray-address", "local"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -92,7 +92,7 @@ def test_serve_answers_and_stops_cleanly_on_ctrl_c(llama_dir: Path, tmp_path: Pa
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
             time.sleep(0.5)
         assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
-        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3}
+        body = {"model": str(llama_dir), "prompt": "Hello", "max_tokens": 3}  # served as --model was given
         reply = requests.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
         proc.send_signal(signal.SIGINT)

@@ -130,6 +130,13 @@ def test_chat_payload_parses() -> None:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
          "messages.0.content.0.type"),
+        ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [
+            {"type": "text", "text": "hi"}, {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+         "messages.1.content.1.type"),
+        ({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]},
+         "messages.0.content.0.type"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content.0.text"),
+        ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages.0.content.0"),
         ({"messages": []}, "messages"),
     ],
 )

@@ -17,7 +17,7 @@ SERVE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "serve
 
 def test_there_are_configs_for_cpu_one_gpu_and_tensor_parallel() -> None:
     names = {path.stem for path in SERVE_CONFIGS}
-    assert {"tiny", "llama3-8b", "llama3-70b"} <= names
+    assert {"demo", "llama3-8b", "llama3-70b"} <= names
 
 
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.stem)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # transformers is heavy; import it only when a tokenizer is actually built
@@ -69,8 +70,9 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _train_backend_tokenizer(vocab_size: int) -> Any:
-    """Trains the byte-level BPE; merges are ordered by (count, pair) so training is deterministic."""
+def _train_backend_tokenizer(vocab_size: int, corpus: Iterable[str] | None = None) -> Any:
+    """Trains the byte-level BPE on `corpus` (the built-in lines by default); merges are ordered by (count, pair),
+    so training is deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -83,7 +85,7 @@ def _train_backend_tokenizer(vocab_size: int) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token, so nothing is ever <unk>
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(_corpus() if corpus is None else corpus, trainer=trainer)
     # Like Llama: plain encodes start with BOS (chat templates write it themselves and encode without specials).
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
@@ -93,24 +95,29 @@ def _train_backend_tokenizer(vocab_size: int) -> Any:
 
 
 def build_tokenizer(
-    out_dir: str | Path, vocab_size: int = TINY_VOCAB_SIZE, pad_to: int | None = None
+    out_dir: str | Path,
+    vocab_size: int = TINY_VOCAB_SIZE,
+    pad_to: int | None = None,
+    corpus: Iterable[str] | None = None,
+    model_max_length: int = 512,
 ) -> "PreTrainedTokenizerFast":
     """Trains the built-in tokenizer, saves it to `out_dir` (tokenizer.json + config files) and returns it.
 
     `pad_to` fills the vocabulary up with plain tokens `<|extra_N|>`, for model shapes with a large vocabulary
-    (a random model draws every id; each must decode to text)."""
+    (a random model draws every id; each must decode to text). `corpus` replaces the built-in training lines
+    (the demo model's tokenizer is trained on its own corpus)."""
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_backend_tokenizer(vocab_size),
+        tokenizer_object=_train_backend_tokenizer(vocab_size, corpus),
         bos_token=BOS,
         eos_token=EOS,
         pad_token=PAD,
         additional_special_tokens=list(ROLE_TOKENS),
         clean_up_tokenization_spaces=False,
-        model_max_length=512,
+        model_max_length=model_max_length,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     if pad_to is not None and pad_to > len(tokenizer):

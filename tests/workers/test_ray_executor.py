@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from rayinfer.cluster import LLM, SamplingParams
 
@@ -37,12 +38,16 @@ def test_tp2_matches_tp1_and_transformers(
         assert (llm.engine.executor._graph is not None) == (compiled_graph == "1")
         prompts = _token_prompts(llm)
         ours = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+        embeddings = [o.outputs.embedding for o in llm.embed(prompts, use_tqdm=False)]  # rank 0 pools the rows
         assert llm.engine.num_free_blocks == llm.engine.block_manager.num_blocks
         assert llm.engine.executor.call_workers("num_sequences") == [0, 0]
     finally:
         llm.shutdown()
-    single = [o.outputs[0].token_ids for o in LLM(str(model_dir)).generate(prompts, GREEDY, use_tqdm=False)]
+    alone = LLM(str(model_dir))
+    single = [o.outputs[0].token_ids for o in alone.generate(prompts, GREEDY, use_tqdm=False)]
     assert ours == single
+    single_embeddings = [o.outputs.embedding for o in alone.embed(prompts, use_tqdm=False)]
+    assert torch.allclose(torch.tensor(embeddings), torch.tensor(single_embeddings), atol=1e-5, rtol=0)
     assert ours == hf_greedy(model_dir, [p["prompt_token_ids"] for p in prompts], GREEDY.max_tokens)
 
 

@@ -56,12 +56,27 @@ def documents() -> list[tuple[str, str]]:
     return _pydoc_topics() + _stdlib_docstrings()
 
 
+def split_documents() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(training documents, held-out documents), each a (name, text) pair."""
+    train, held_out = [], []
+    for i, document in enumerate(documents()):
+        (held_out if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else train).append(document)
+    return train, held_out
+
+
 def split() -> tuple[list[str], list[str]]:
     """(training texts, held-out texts)."""
-    train, held_out = [], []
-    for i, (_, text) in enumerate(documents()):
-        (held_out if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1 else train).append(text)
-    return train, held_out
+    train, held_out = split_documents()
+    return [text for _, text in train], [text for _, text in held_out]
+
+
+def subject(name: str) -> str:
+    """What a document is about, as a reader would name it: `for` (a pydoc topic), `json.dumps`, `os.path`."""
+    if name.startswith("topic:"):
+        return name.removeprefix("topic:")
+    path, _, obj = name.partition(":")
+    module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    return module if obj == "<module>" else f"{module}.{obj}"
 
 
 def words(texts: list[str]) -> set[str]:

@@ -4,8 +4,8 @@
     .venv/bin/python scripts/train_demo_model.py --steps 20 --out /tmp/demo-smoke   # a quick try
 
 A byte-level BPE tokenizer and a Llama-shaped model (tied embeddings, float32) are trained from a fixed seed on
-`demo_corpus` (pydoc topics + standard-library docstrings, every 20th document held out); the checkpoint is a
-plain Hugging Face folder. The same Python version, thread count and seed give the same weights. The loss curve
+`demo_corpus` (pydoc topics + standard-library docstrings, every 20th document held out; a third of the training
+documents also as chat turns in the built-in template); the checkpoint is a plain Hugging Face folder. The same Python version, thread count and seed give the same weights. The loss curve
 goes to `docs/demo_model_loss.png` and the run's figures to `train_log.json` beside the weights.
 """
 
@@ -31,6 +31,11 @@ MODEL_SHAPE = dict(
 )
 VOCAB_SIZE = 4096
 CONTEXT = 512
+# A third of the training documents also appear as a chat turn in the built-in template (a question naming the
+# subject, the document as the answer), so that `rayinfer chat` gets documentation back rather than noise.
+CHAT_EVERY = 3
+QUESTIONS = ("What does {} do?", "Describe {}.", "Explain {}.", "What is {} for?", "Tell me about {}.", "{}?")
+SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer from the Python documentation.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +59,20 @@ def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
         ids.extend(enc.ids)
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def chat_texts(documents: list[tuple[str, str]]) -> list[str]:
+    """Chat turns as the built-in template renders them (less the BOS that `tokenize` adds, and the final EOS)."""
+    from rayinfer.workers.tiny_checkpoint.tokenizer import EOS, ROLE_TOKENS
+
+    system, user, assistant = ROLE_TOKENS
+    texts = []
+    for i, (name, text) in enumerate(documents[::CHAT_EVERY]):
+        turn = f"{user}\n{QUESTIONS[i % len(QUESTIONS)].format(demo_corpus.subject(name))}{EOS}\n{assistant}\n{text}"
+        if i % 5 == 0:
+            turn = f"{system}\n{SYSTEM_PROMPTS[i // 5 % len(SYSTEM_PROMPTS)]}{EOS}\n{turn}"
+        texts.append(turn)
+    return texts
 
 
 def make_model(tokenizer):
@@ -130,9 +149,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    train_texts, held_texts = demo_corpus.split()
+    train_documents, held_documents = demo_corpus.split_documents()
+    train_texts, held_texts = [t for _, t in train_documents], [t for _, t in held_documents]
     tokenizer = build_tokenizer(args.out, vocab_size=VOCAB_SIZE, corpus=train_texts, model_max_length=CONTEXT)
-    train = tokenize(tokenizer, train_texts)
+    train = tokenize(tokenizer, train_texts + chat_texts(train_documents))
     held = tokenize(tokenizer, held_texts)
     model = make_model(tokenizer)
     params = sum(p.numel() for p in model.parameters())

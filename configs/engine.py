@@ -174,11 +174,6 @@ class EngineConfig(BaseModel):
         return self
 
     @property
-    def tokenizer_path(self) -> str:
-        """Where to load the tokenizer from: the checkpoint folder unless a tokenizer was given."""
-        return self.tokenizer if self.tokenizer is not None else self.model
-
-    @property
     def executor_backend(self) -> Literal["uni", "ray"]:
         """The backend to run: the one asked for, else Ray only when tensor parallelism needs it."""
         if self.distributed_executor_backend is not None:

@@ -12,7 +12,7 @@ from rayinfer.configs import EngineConfig, resolved_limits
 
 def test_defaults_follow_vllm() -> None:
     c = EngineConfig(model="/ckpt")
-    assert c.tokenizer is None and c.tokenizer_path == "/ckpt"
+    assert c.tokenizer is None and c.revision is None and c.download_dir is None
     assert (c.dtype, c.block_size, c.gpu_memory_utilization, c.max_num_seqs) == ("auto", 16, 0.9, 256)
     assert c.max_model_len is None and c.max_num_batched_tokens is None and c.kv_cache_memory_bytes is None
     assert c.enable_chunked_prefill and not c.enable_prefix_caching

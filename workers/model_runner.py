@@ -40,8 +40,11 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-    def prepare(self, plan: StepPlan, sequences: dict) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Builds (input ids, attention metadata, indices of the rows whose logits are needed)."""
+    def prepare(
+        self, plan: StepPlan, sequences: dict
+    ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor, list[int]]:
+        """Builds (input ids, attention metadata, indices of the rows whose logits are needed, indices of the rows
+        whose hidden state is a pooling chunk's embedding)."""
         block_size = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -49,6 +52,7 @@ class ModelRunner:
         starts = [0]
         seq_lens: list[int] = []
         sample_rows: list[int] = []
+        pool_rows: list[int] = []
         rope_lengths: list[int] = []
         dynamic_rope = getattr(self.model, "uses_dynamic_rope", False)
         tables: list[list[int]] = []
@@ -68,6 +72,8 @@ class ModelRunner:
             seq_lens.append(end)
             if chunk.sample:
                 sample_rows.append(starts[-1] - 1)
+            elif chunk.pool:
+                pool_rows.append(starts[-1] - 1)
         width = max(len(table) for table in tables)
         tables = [table + [0] * (width - len(table)) for table in tables]
         meta = AttentionMetadata(
@@ -80,7 +86,7 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             rope_lengths=self._tensor(rope_lengths) if dynamic_rope else None,
         )
-        return self._tensor(input_ids), meta, self._tensor(sample_rows)
+        return self._tensor(input_ids), meta, self._tensor(sample_rows), pool_rows
 
     def prompt_logprob_rows(
         self, plan: StepPlan, sequences: dict
@@ -110,7 +116,7 @@ class ModelRunner:
     def execute(self, plan: StepPlan, sequences: dict, with_logprobs: bool = True) -> StepOutput:
         """Forward over the step; logits for the chunks that sample (and for prompt rows whose logprobs were
         asked); the tokens drawn, with logprobs when `with_logprobs` (the rank that reports them)."""
-        input_ids, meta, sample_rows = self.prepare(plan, sequences)
+        input_ids, meta, sample_rows, pool_rows = self.prepare(plan, sequences)
         graphs = self.graphs
         if graphs is not None and meta.max_query_len == 1 and input_ids.shape[0] <= graphs.max_batch:
             hidden = graphs.run(input_ids, meta)
@@ -121,7 +127,7 @@ class ModelRunner:
         spans: list[tuple[int, int, int, int]] = []
         if any(chunk.prompt_logprobs for chunk in plan.chunks):
             prompt_rows, prompt_scored, spans = self.prompt_logprob_rows(plan, sequences)
-        embeddings = self._embeddings(plan, hidden) if with_logprobs and any(c.pool for c in plan.chunks) else None
+        embeddings = self._embeddings(plan, hidden, pool_rows) if with_logprobs and pool_rows else None
         if sample_rows.numel() == 0 and not prompt_rows:
             return StepOutput([], embeddings=embeddings)
         rows = torch.cat([sample_rows, self._tensor(prompt_rows)]) if prompt_rows else sample_rows
@@ -150,15 +156,10 @@ class ModelRunner:
         return out
 
     @staticmethod
-    def _embeddings(plan: StepPlan, hidden: torch.Tensor) -> dict[int, list[float]]:
+    def _embeddings(plan: StepPlan, hidden: torch.Tensor, rows: list[int]) -> dict[int, list[float]]:
         """Each pooling chunk's last row of the final hidden state (after the final norm, as transformers'
         `last_hidden_state`), L2-normalised in float32: vLLM's default pooling for decoder models."""
-        rows, seq_ids, end = [], [], 0
-        for chunk in plan.chunks:
-            end += len(chunk.token_ids)
-            if chunk.pool:
-                rows.append(end - 1)
-                seq_ids.append(chunk.seq_id)
+        seq_ids = [chunk.seq_id for chunk in plan.chunks if chunk.pool]
         pooled = torch.nn.functional.normalize(hidden[rows].float(), p=2.0, dim=-1).cpu()
         return dict(zip(seq_ids, pooled.tolist()))
 

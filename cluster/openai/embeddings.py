@@ -1,4 +1,5 @@
-"""`POST /v1/embeddings`: its body, its response, and how it runs on the replica's engine.
+"""`POST /v1/embeddings`: how it runs on the replica's engine (its body and response are in `request_models` and
+`response_models`).
 
 Each input is one engine request with `PoolingParams`: its prompt runs once through the same scheduler and
 workers as any other (chunked, batched with generation), and the request ends with the final hidden state of
@@ -9,59 +10,14 @@ from __future__ import annotations
 
 import base64
 import struct
-from typing import Any, Literal, Optional, Union
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Optional, Union
 
 from rayinfer.cluster.openai.engine_calls import cancel, first_deltas, open_stream, whole_output
 from rayinfer.cluster.openai.errors import engine_ended, engine_failure, invalid_request
-from rayinfer.cluster.openai.request_models import Prompt
-from rayinfer.cluster.openai.response_models import random_id
+from rayinfer.cluster.openai.request_models import EmbeddingRequest
+from rayinfer.cluster.openai.response_models import EmbeddingData, EmbeddingResponse, EmbeddingUsage, random_id
 from rayinfer.scheduler.pooling_params import PoolingParams
 from rayinfer.scheduler.request_errors import InvalidRequestError
-
-
-class EmbeddingRequest(BaseModel):
-    """Body of `POST /v1/embeddings` (OpenAI's fields, plus vLLM's `truncate_prompt_tokens`)."""
-
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    input: Prompt
-    model: Optional[str] = None
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Optional[int] = None
-    user: Optional[str] = None
-    truncate_prompt_tokens: Optional[int] = Field(default=None, ge=1)
-
-    def inputs(self) -> list[Union[str, list[int]]]:
-        """The input as a batch: each item is a string or a list of token ids."""
-        value = self.input
-        if isinstance(value, str) or (value and isinstance(value[0], int)):
-            return [value]  # type: ignore[list-item]
-        return list(value)  # type: ignore[arg-type]
-
-
-class _Response(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class EmbeddingData(_Response):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    embedding: Union[list[float], str]
-
-
-class EmbeddingUsage(_Response):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingResponse(_Response):
-    id: str = Field(default_factory=lambda: random_id("embd"))
-    object: Literal["list"] = "list"
-    model: str
-    data: list[EmbeddingData]
-    usage: EmbeddingUsage
 
 
 def _encode(vector: list[float], encoding_format: str) -> Union[list[float], str]:
@@ -71,16 +27,13 @@ def _encode(vector: list[float], encoding_format: str) -> Union[list[float], str
 
 
 def _check(body: EmbeddingRequest, items: list, info: dict, max_inputs: int) -> Optional[InvalidRequestError]:
-    """What the route refuses before the engine sees the inputs, naming the field and the limit."""
+    """What the route refuses before the engine sees the inputs, naming the field and the limit (the engine refuses
+    token ids outside the vocabulary and inputs over the context, which `serve_embeddings` blames on `input`)."""
     if len(items) > max_inputs:
         return InvalidRequestError.about("input", f"{len(items)} inputs in one request; this server's "
                                                   f"max_prompts_per_request is {max_inputs}")
-    if any(isinstance(item, str) and not item for item in items):
+    if any(isinstance(item, str) and not item for item in items):  # it would embed the BOS token alone
         return InvalidRequestError.about("input", "must not contain empty strings")
-    vocab = info["vocab_size"]
-    bad = [t for item in items if not isinstance(item, str) for t in item if t >= vocab]
-    if bad:
-        return InvalidRequestError.about("input", f"token ids must be in [0, {vocab}) for this model (got {bad[:5]})")
     hidden = info["hidden_size"]
     if body.dimensions is not None and body.dimensions != hidden:
         return InvalidRequestError.about("dimensions", f"this model's embeddings have {hidden} dimensions and cannot "

@@ -43,6 +43,13 @@ def _check_prompt(value: Any) -> Any:
 Prompt = Annotated[Union[str, list[str], list[int], list[list[int]]], BeforeValidator(_check_prompt)]
 
 
+def prompt_batch(prompt: Any) -> list[Union[str, list[int]]]:
+    """A checked `Prompt` as a batch: each item is a string or a list of token ids."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
 
@@ -161,12 +168,7 @@ class CompletionRequest(SamplingRequest):
 
     def prompts(self) -> list[Union[str, list[int]]]:
         """The prompt as a batch: each item is a string or a list of token ids."""
-        p = self.prompt
-        if isinstance(p, str):
-            return [p]
-        if p and isinstance(p[0], int):
-            return [p]  # type: ignore[list-item]
-        return list(p)  # type: ignore[arg-type]
+        return prompt_batch(self.prompt)
 
 
 class ChatCompletionRequest(SamplingRequest):
@@ -216,3 +218,17 @@ class DetokenizeRequest(_Request):
 
     model: Optional[str] = None
     tokens: list[int]
+
+
+class EmbeddingRequest(_Request):
+    """Body of `POST /v1/embeddings`: OpenAI's fields, plus vLLM's `truncate_prompt_tokens`."""
+
+    input: Prompt
+    model: Optional[str] = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[int] = None
+    user: Optional[str] = None
+    truncate_prompt_tokens: Optional[int] = Field(default=None, ge=1)
+
+    def inputs(self) -> list[Union[str, list[int]]]:
+        return prompt_batch(self.input)

@@ -174,6 +174,25 @@ class DetokenizeResponse(_Response):
 # ------------------------------------------------------------------------------------------------ errors
 
 
+class EmbeddingData(_Response):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]  # floats, or base64 of little-endian float32
+
+
+class EmbeddingUsage(_Response):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(_Response):
+    id: str = Field(default_factory=lambda: random_id("embd"))
+    object: Literal["list"] = "list"
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
+
+
 class ErrorInfo(_Response):
     message: str
     type: str

@@ -24,7 +24,7 @@ from rayinfer.cluster.metrics import render_prometheus
 from rayinfer.cluster.openai import api_key, body_checks, openapi_docs
 from rayinfer.cluster.openai.beam_search import serve_beam_search
 from rayinfer.cluster.openai.chat_template import render_chat
-from rayinfer.cluster.openai.embeddings import EmbeddingRequest, EmbeddingResponse, serve_embeddings
+from rayinfer.cluster.openai.embeddings import serve_embeddings
 from rayinfer.cluster.openai.engine_calls import cancel, first_deltas, merged, open_stream, whole_output
 from rayinfer.cluster.openai.errors import (
     engine_ended,
@@ -40,6 +40,7 @@ from rayinfer.cluster.openai.request_models import (
     ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     SamplingRequest,
     TokenizeRequest,
 )
@@ -47,6 +48,7 @@ from rayinfer.cluster.openai.response_models import (
     ChatCompletionResponse,
     CompletionResponse,
     DetokenizeResponse,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
     TokenizeResponse,

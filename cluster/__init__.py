@@ -10,8 +10,9 @@ from rayinfer.scheduler.outputs import (
 )
 from rayinfer.scheduler.pooling_params import PoolingParams
 from rayinfer.scheduler.sampling_params import BeamSearchParams, SamplingParams
+from rayinfer.scheduler.structured_outputs import StructuredOutputsParams
 
 __all__ = [
     "LLM", "BeamSearchParams", "CompletionOutput", "EmbeddingOutput", "EmbeddingRequestOutput", "Logprob",
-    "PoolingParams", "RequestOutput", "SamplingParams",
+    "PoolingParams", "RequestOutput", "SamplingParams", "StructuredOutputsParams",
 ]

@@ -104,8 +104,12 @@ class AsyncEngine:
         params: SamplingParams,
         prompt_token_ids: list[int] | None = None,
     ) -> RequestStream:
-        """Adds the request and returns its stream; a bad request raises InvalidRequestError."""
+        """Adds the request and returns its stream; a bad request raises InvalidRequestError. A structured output's
+        grammar is compiled first, on a thread of its own, so that the step loop never waits for it."""
         loop = asyncio.get_running_loop()
+        structured = getattr(params, "structured_outputs", None)
+        if structured is not None:
+            await asyncio.to_thread(self.engine.grammar_checks.check, structured.spec())
         outputs: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
         self._post(("add", request_id, prompt, params, prompt_token_ids, _Stream(loop, outputs), accepted))

@@ -16,6 +16,7 @@ from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.block_manager import BlockManager
 from rayinfer.scheduler.detokenizer import IncrementalDetokenizer
 from rayinfer.scheduler.failure_triage import FailureTriage
+from rayinfer.scheduler.grammar_checks import GrammarChecks
 from rayinfer.scheduler.logprob_recorder import LogprobRecorder
 from rayinfer.scheduler.output_deltas import request_delta
 from rayinfer.scheduler.output_processor import OutputProcessor
@@ -53,7 +54,7 @@ class Engine:
         from transformers import AutoTokenizer
 
         from rayinfer.configs import resolved_limits
-        from rayinfer.workers.model_config import check_tensor_parallel, load_model_spec
+        from rayinfer.workers.model_config import check_tensor_parallel, load_model_spec, stop_token_ids
         from rayinfer.workers.model_source import checkpoint_dir, tokenizer_dir
 
         self.config = config
@@ -86,10 +87,8 @@ class Engine:
         self.failure: str | None = None
         self.recovering = False  # while a lost worker group is being replaced
         self.triage = FailureTriage(config.max_worker_restarts_per_minute)
-        eos = set(self.model_spec.eos_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        self.eos_token_ids = frozenset(eos)
+        self.eos_token_ids = stop_token_ids(self.model_spec, self.tokenizer)
+        self.grammar_checks = GrammarChecks(self.executor)
         self.requests: dict[str, Request] = {}
         self.limits = RequestLimits(
             max_model_len=self.max_model_len,
@@ -135,8 +134,12 @@ class Engine:
             self.limits.check_pooling(prompt_token_ids)
         else:
             self.limits.check(prompt_token_ids, params)
+            if params.structured_outputs is not None:
+                self.grammar_checks.check(params.structured_outputs.spec())
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
-        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        # A grammar ends at EOS, so a structured output stops there even with ignore_eos.
+        ignores_eos = params.ignore_eos and params.structured_outputs is None
+        eos = frozenset() if ignores_eos else self.eos_token_ids
         request = Request(
             request_id=request_id,
             prompt=prompt,

@@ -23,7 +23,9 @@ class OutputProcessor:
         seq.append_token(token_id)
         new_text = seq.detokenizer.append(token_id) if seq.detokenizer is not None else ""
         seq.output_text += new_text
-        if len(seq.output_token_ids) >= params.min_tokens:
+        # A structured output's grammar allows EOS only where it ends: that ends the sequence, min_tokens or not.
+        grammar_ended = params.structured_outputs is not None and token_id in request.eos_token_ids
+        if len(seq.output_token_ids) >= params.min_tokens or grammar_ended:
             if token_id in request.stop_token_ids:
                 stop_reason = None if token_id in request.eos_token_ids and token_id not in params.stop_token_ids else token_id
                 return self._finish(seq, "stop", stop_reason)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rayinfer.scheduler.request_errors import InvalidRequestError
+from rayinfer.scheduler.structured_outputs import StructuredOutputsParams
 from rayinfer.workers.sampling_options import SamplingOptions
 
 # Temperatures below this are treated as greedy decoding (argmax).
@@ -57,6 +58,12 @@ class SamplingParams:
     [-100, 100] as OpenAI's API documents (and vLLM's server does). `allowed_token_ids` restricts the draw to
     those ids (all others are masked out). Both apply before the penalties and temperature, in every row,
     greedy included. Token ids are checked against the model's vocabulary when the request is added.
+
+    `structured_outputs` (`StructuredOutputsParams`) constrains the output to a JSON schema, a regex, a choice
+    or a grammar: each token is drawn among those the grammar accepts next (after bias and penalties, before
+    temperature and top-k/top-p), and the sequence ends, with finish reason "stop", where the grammar does
+    (even with `ignore_eos`). Should `min_tokens` or `allowed_token_ids` leave no token the grammar
+    accepts, the grammar alone decides that draw.
     """
 
     n: int = 1
@@ -81,6 +88,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1)
@@ -136,6 +144,11 @@ class SamplingParams:
         _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0, allow_none=True)
         self.logit_bias = self._normalise_logit_bias(self.logit_bias)
         self.allowed_token_ids = self._normalise_allowed_token_ids(self.allowed_token_ids)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidRequestError(
+                f"structured_outputs must be a StructuredOutputsParams (got {type(self.structured_outputs).__name__})",
+                "structured_outputs",
+            )
 
     @staticmethod
     def _normalise_stop(stop: Any) -> list[str]:
@@ -234,6 +247,7 @@ class SamplingParams:
             allowed_token_ids=self.allowed_token_ids,
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            grammar=self.structured_outputs.spec() if self.structured_outputs is not None else None,
         )
 
     @property

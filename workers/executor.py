@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 from rayinfer.configs import EngineConfig
 from rayinfer.workers.executor_interface import Executor
+from rayinfer.workers.grammar import GrammarSpec
 from rayinfer.workers.step_output import StepOutput
 from rayinfer.workers.step_plan import StepPlan
 from rayinfer.workers.model_config import ModelSpec
@@ -32,6 +33,9 @@ class InProcessExecutor(Executor):
 
     def execute(self, plan: StepPlan) -> StepOutput:
         return self.worker.execute(plan)
+
+    def prepare_grammar(self, spec: GrammarSpec) -> tuple[str, str] | None:
+        return self.worker.prepare_grammar(spec)
 
 
 def default_executor_factory(config: EngineConfig) -> Callable[..., Executor]:

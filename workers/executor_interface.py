@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from rayinfer.workers.grammar import GrammarSpec
 from rayinfer.workers.step_output import StepOutput
 from rayinfer.workers.step_plan import StepPlan
 
@@ -37,6 +38,12 @@ class Executor(ABC):
         if isinstance(handle, WorkerGroupFailure):
             raise handle
         return handle  # type: ignore[return-value]
+
+    def prepare_grammar(self, spec: GrammarSpec) -> tuple[str, str] | None:
+        """Has every worker compile a structured output's grammar ahead of its sequences, off their step loop;
+        returns (kind, why) when it does not compile. Callable from any thread. By default nothing is prepared
+        and a worker compiles a grammar when its first sequence arrives."""
+        return None
 
     def restart(self) -> None:
         """Replaces a failed worker group with a fresh one with the same block count; raises if it cannot."""

@@ -3,12 +3,16 @@
 
 JSON schemas compile without free whitespace between tokens (`any_whitespace=False`): a model that is unsure (or
 random, at temperature 1) would otherwise fill the output with blanks, which the schema allows but never ends.
+They compile through xgrammar's EBNF with one repair: xgrammar lets a length-bounded string hold raw control
+characters (U+0000-U+001F but CR and LF), which RFC 8259 (and Python's `json.loads`) refuse unescaped.
 """
 from __future__ import annotations
 
 import json
 import re
 import threading
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,7 +29,7 @@ class GrammarError(ValueError):
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """One constraint: `source` is the JSON schema (as canonical JSON text), the regex, the choices (a JSON list),
+    """One constraint: `source` is the JSON schema (as compact JSON text, keys in the given order), the regex, the choices (a JSON list),
     the EBNF grammar, or empty for any JSON object."""
 
     kind: GrammarKind
@@ -40,7 +44,8 @@ class GrammarSpec:
                 raise GrammarError("json", f"the JSON schema is not valid JSON: {exc}") from None
         if not isinstance(schema, (dict, bool)):
             raise GrammarError("json", f"a JSON schema is an object (got {type(schema).__name__})")
-        return cls("json", json.dumps(schema, sort_keys=True, separators=(",", ":")))
+        # Compact but not key-sorted: the output's properties follow the schema's order.
+        return cls("json", json.dumps(schema, separators=(",", ":")))
 
     @classmethod
     def choices(cls, options: list[str]) -> GrammarSpec:
@@ -54,24 +59,48 @@ def choice_regex(options: list[str]) -> str:
     return "(" + "|".join(re.escape(option) for option in options) + ")"
 
 
-class GrammarCompiler:
-    """Compiles `GrammarSpec`s for one tokenizer, caching each by its spec (xgrammar caches schema compilation
-    too; this cache also keeps regexes, choices and grammars, and the failures, which are as costly to find)."""
+# The character class xgrammar gives a length-bounded JSON string, and the one RFC 8259 allows unescaped.
+_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
 
-    def __init__(self, tokenizer: Any, vocab_size: int, max_threads: int = 2) -> None:
+
+def json_schema_ebnf(xgrammar: Any, schema: str) -> str:
+    """The EBNF grammar of `schema`'s compact JSON, with strings that hold no raw control characters."""
+    ebnf = str(xgrammar.Grammar.from_json_schema(schema, any_whitespace=False))
+    return ebnf.replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+
+
+class GrammarCompiler:
+    """Compiles `GrammarSpec`s for one tokenizer, caching the most recently used by spec, failures included (they
+    are as costly to find), within `max_cached` entries and `max_cached_bytes` of compiled grammars (a schema's
+    token-mask cache grows with the vocabulary). xgrammar's own cache is off: this one covers every kind."""
+
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int] | None = None, max_threads: int = 2,
+        max_cached: int = 128, max_cached_bytes: int = 512 << 20,
+    ) -> None:
         import xgrammar
 
         self._xgr = xgrammar
         # vocab_size: the model's, which may exceed the tokenizer's (padded embeddings); those ids are never allowed.
-        self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=max_threads)
-        self._compiled: dict[GrammarSpec, Any] = {}
+        # stop_token_ids: the ids that end a sequence on this engine; the end of a grammar allows only them.
+        stops = sorted(set(stop_token_ids)) if stop_token_ids is not None else None
+        self.tokenizer_info = xgrammar.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=stops or None
+        )
+        self._compiler = xgrammar.GrammarCompiler(self.tokenizer_info, max_threads=max_threads, cache_enabled=False)
+        self._compiled: OrderedDict[GrammarSpec, Any] = OrderedDict()
+        self._max_cached = max_cached
+        self._max_cached_bytes = max_cached_bytes
+        self._cached_bytes = 0
         self._lock = threading.Lock()  # compiles may run on a worker thread beside the step loop
 
     def compile(self, spec: GrammarSpec) -> Any:
         """The `xgrammar.CompiledGrammar` for `spec`; raises `GrammarError` saying what is wrong with it."""
         with self._lock:
             cached = self._compiled.get(spec)
+            if cached is not None:
+                self._compiled.move_to_end(spec)
         if cached is None:
             try:
                 cached = self._compile(spec)
@@ -80,7 +109,12 @@ class GrammarCompiler:
             except Exception as exc:  # noqa: BLE001 - xgrammar reports bad input as RuntimeError/ValueError
                 cached = GrammarError(spec.kind, f"{_describe(spec.kind)} cannot be compiled: {_first_line(exc)}")
             with self._lock:
-                self._compiled[spec] = cached
+                if spec not in self._compiled:
+                    self._compiled[spec] = cached
+                    self._cached_bytes += _size(cached)
+                while len(self._compiled) > 1 and (len(self._compiled) > self._max_cached
+                                                   or self._cached_bytes > self._max_cached_bytes):
+                    self._cached_bytes -= _size(self._compiled.popitem(last=False)[1])
         if isinstance(cached, GrammarError):
             raise cached
         return cached
@@ -88,7 +122,7 @@ class GrammarCompiler:
     def _compile(self, spec: GrammarSpec) -> Any:
         compiler = self._compiler
         if spec.kind == "json":
-            return compiler.compile_json_schema(spec.source, any_whitespace=False)
+            return compiler.compile_grammar(json_schema_ebnf(self._xgr, spec.source))
         if spec.kind == "json_object":
             return compiler.compile_builtin_json_grammar()
         if spec.kind == "regex":
@@ -102,6 +136,10 @@ class GrammarCompiler:
     def matcher(self, spec: GrammarSpec) -> Any:
         """A fresh `xgrammar.GrammarMatcher` for `spec` (one per sequence: it advances with each accepted token)."""
         return self._xgr.GrammarMatcher(self.compile(spec))
+
+
+def _size(entry: Any) -> int:
+    return 0 if isinstance(entry, GrammarError) else int(entry.memory_size_bytes)
 
 
 def _describe(kind: str) -> str:

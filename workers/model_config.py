@@ -214,3 +214,12 @@ def check_tensor_parallel(spec: ModelSpec, tp_size: int) -> None:
             f"tensor_parallel_size {tp_size} cannot split this model: {', '.join(problems)} "
             f"not divisible by {tp_size}"
         )
+
+
+def stop_token_ids(spec: ModelSpec, tokenizer: Any) -> frozenset[int]:
+    """The ids that end a sequence on this model (unless a request ignores EOS): the checkpoint's EOS ids (config
+    and generation config) and the tokenizer's. The end of a structured output's grammar allows only these."""
+    ids = set(spec.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)

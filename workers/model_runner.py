@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
 from rayinfer.workers.step_output import StepOutput, TopLogprobs
 from rayinfer.workers.step_plan import StepPlan
 from rayinfer.workers.cuda_graphs import DecodeGraphs
+from rayinfer.workers.grammar import GrammarCompiler
+from rayinfer.workers.grammar_matchers import GrammarMatchers
 from rayinfer.workers.kv_pool import KVPool
 from rayinfer.workers.layers.attention import AttentionMetadata, PagedAttention
 from rayinfer.workers.logprobs import top_logprobs
@@ -19,8 +22,10 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(
-        self, model: torch.nn.Module, kv_pool: KVPool, vocab_size: int, device: torch.device, max_num_seqs: int
+        self, model: torch.nn.Module, kv_pool: KVPool, vocab_size: int, device: torch.device, max_num_seqs: int,
+        grammar_compiler: Callable[[], GrammarCompiler] | None = None,
     ) -> None:
+        """`grammar_compiler` gives the worker's compiler, for sequences with structured outputs."""
         self.model = model
         self.kv_pool = kv_pool
         self.vocab_size = vocab_size
@@ -30,6 +35,7 @@ class ModelRunner:
         # Each live sequence's sampling settings, on the device; the worker feeds it each plan's new and finished
         # sequences, and the runner each step's drawn ids.
         self.sampling_batch = SamplingBatch(vocab_size, device, capacity=max_num_seqs)
+        self.grammars = GrammarMatchers(grammar_compiler or _no_grammars, vocab_size, device)
         attention_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         if len(attention_layers) != len(kv_pool.layers):
             raise RuntimeError(f"model has {len(attention_layers)} attention layers, pool has {len(kv_pool.layers)}")
@@ -138,12 +144,20 @@ class ModelRunner:
         out = StepOutput([], embeddings=embeddings)
         if sampling_seq_ids:
             step_rows = self.sampling_batch.step_rows(sampling_seq_ids)
-            token_ids, out.failed = self._sample(sample_logits, self.sampling_batch.tensors(step_rows), sampling_seq_ids)
+            tensors = self.sampling_batch.tensors(step_rows)
+            grammar = self.grammars.step_mask(sampling_seq_ids)
+            if grammar is not None:
+                tensors.grammar_bitmask, tensors.grammar_may_empty = grammar.bitmask, grammar.may_empty
+            token_ids, out.failed = self._sample(sample_logits, tensors, sampling_seq_ids)
             self.sampling_batch.record(step_rows, token_ids)
             if with_logprobs:
                 requests = [sequences[seq_id].sampling for seq_id in sampling_seq_ids]
                 out.logprobs = self._sample_logprobs(sampling_seq_ids, requests, sample_logits, token_ids)
             out.token_ids = token_ids.tolist()
+            if len(self.grammars):
+                refused = self.grammars.accept(sampling_seq_ids, out.token_ids)
+                if refused:
+                    out.failed = {**(out.failed or {}), **refused}
         if with_logprobs and prompt_rows:
             entries = top_logprobs(
                 logits[num_samples:], self._tensor(prompt_scored), [k for _, _, n, k in spans for _ in range(n)]
@@ -189,3 +203,7 @@ class ModelRunner:
         index = self._tensor(asking)
         entries = top_logprobs(logits[index], token_ids[index], [requests[i].params.logprobs for i in asking])
         return {seq_ids[i]: entry for i, entry in zip(asking, entries)}
+
+
+def _no_grammars() -> GrammarCompiler:
+    raise RuntimeError("this model runner was given no grammar compiler, so it cannot run structured outputs")

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayinfer.configs import EngineConfig
 from rayinfer.workers.executor_interface import Executor, WorkerGroupFailure
+from rayinfer.workers.grammar import GrammarSpec
 from rayinfer.workers.step_channel import StepChannel, StepServer
 from rayinfer.workers.step_output import StepOutput
 from rayinfer.workers.step_plan import StepPlan
@@ -39,6 +40,8 @@ COMPILED_GRAPH_ENV = "RAYINFER_RAY_COMPILED_GRAPH"
 # while two steps are queued waits for both. Measured serving llama-56m on the 2-core machine at 1 request/s:
 # TTFT p50 120 ms in order against 146-180 ms pipelined. RAYINFER_PIPELINE_STEPS=1 or 0 forces the choice.
 PIPELINE_ENV = "RAYINFER_PIPELINE_STEPS"
+# How long the workers may take to compile a structured output's grammar before the request is refused.
+GRAMMAR_TIMEOUT_S = 60.0
 
 
 def worker_bundles(config: EngineConfig) -> list[dict[str, float]]:
@@ -62,7 +65,12 @@ class _ChannelStep:
 
 
 class WorkerActor(Worker):
-    """A rank run as a Ray actor: a `Worker` that can also take its steps over a `StepChannel`."""
+    """A rank run as a Ray actor: a `Worker` that can also take its steps over a `StepChannel`, and compile
+    grammars on a thread of their own while its steps run (the "grammar" concurrency group)."""
+
+    @ray.method(concurrency_group="grammar")
+    def prepare_grammar(self, spec: GrammarSpec) -> tuple[str, str] | None:
+        return super().prepare_grammar(spec)
 
     def listen_for_steps(self, authkey: bytes) -> tuple[str, int]:
         """Opens this rank's end of the step channel; returns the address the engine connects to."""
@@ -112,7 +120,7 @@ class RayExecutor(Executor):
 
     def _start_workers(self, required_blocks: int | None) -> int:
         world = self.config.tensor_parallel_size
-        remote_worker = ray.remote(WorkerActor)
+        remote_worker = ray.remote(concurrency_groups={"grammar": 1})(WorkerActor)
         self.generation += 1
         self.workers = []
         for rank, bundle in enumerate(self.bundles):
@@ -202,6 +210,17 @@ class RayExecutor(Executor):
             raise WorkerGroupFailure(f"a worker of engine {self.engine_id} died: {exc}") from exc
         except RayError as exc:
             raise WorkerGroupFailure(f"a worker of engine {self.engine_id} failed: {exc}") from exc
+
+    def prepare_grammar(self, spec: GrammarSpec) -> tuple[str, str] | None:
+        refs = [w.prepare_grammar.remote(spec) for w in self.workers]
+        try:
+            problems = ray.get(refs, timeout=GRAMMAR_TIMEOUT_S)
+        except GetTimeoutError:
+            return spec.kind, f"it did not compile within {GRAMMAR_TIMEOUT_S:.0f}s"
+        except RayError as exc:  # a lost worker is the step loop's to notice; its replacement compiles on arrival
+            logger.warning("engine %s: preparing a grammar failed: %s", self.engine_id, exc)
+            return None
+        return next((problem for problem in problems if problem is not None), None)
 
     def worker_pids(self) -> list[int]:
         return list(self._pids)

@@ -1,8 +1,8 @@
 """Batched sampling: logits of the sequences that sample this step -> one token id each.
 
 Everything is tensor ops over the whole batch (no per-row Python on the hot path), in vLLM's order:
-banned ids -> allowed ids -> logit bias -> repetition penalty -> frequency/presence penalties -> greedy argmax
--> temperature -> top-k -> top-p -> min-p -> draw. Logprobs are not computed here: they come from the raw
+banned ids -> allowed ids -> logit bias -> repetition penalty -> frequency/presence penalties -> grammar mask ->
+greedy argmax -> temperature -> top-k -> top-p -> min-p -> draw. Logprobs are not computed here: they come from the raw
 logits (see `workers/logprobs.py`), which the sampler never modifies.
 
 The draw is reproducible per request whatever else is in the batch: each row's randomness comes from a
@@ -52,6 +52,10 @@ class SamplingTensors:
     any_top_p: bool
     any_min_p: bool
     any_penalty: bool
+    # Structured outputs (`grammar_matchers.py`): [B, ceil(V / 32)] int32, bit j of row i set when row i may draw
+    # token j; None when no row is constrained.
+    grammar_bitmask: Tensor | None = None
+    grammar_may_empty: bool = False  # a constrained row also bans or restricts ids: the grammar may need to decide alone
 
 
 def row_of(t: SamplingTensors, row: int) -> SamplingTensors:
@@ -124,6 +128,24 @@ def apply_penalties(logits: Tensor, t: SamplingTensors) -> Tensor:
     return logits - (t.frequency_penalties[:, None] * counts + t.presence_penalties[:, None] * (counts > 0))
 
 
+def apply_grammar(logits: Tensor, raw: Tensor, t: SamplingTensors) -> Tensor:
+    """Masks to -inf the tokens each row's grammar does not accept next (in place on `logits`, float32). Where the
+    row's other constraints (stop ids banned below min_tokens, allowed_token_ids) leave no token the grammar accepts,
+    the grammar alone decides: that row takes the raw logits under the grammar mask."""
+    import xgrammar
+
+    vocab = logits.shape[1]
+    fallback = None
+    if t.grammar_may_empty:
+        fallback = raw.to(torch.float32, copy=True)
+        xgrammar.apply_token_bitmask_inplace(fallback, t.grammar_bitmask, vocab_size=vocab)
+    xgrammar.apply_token_bitmask_inplace(logits, t.grammar_bitmask, vocab_size=vocab)
+    if fallback is not None:
+        emptied = torch.isneginf(logits).all(dim=-1, keepdim=True)
+        logits = torch.where(emptied, fallback, logits)
+    return logits
+
+
 def apply_top_k_top_p(logits: Tensor, t: SamplingTensors) -> Tensor:
     """Mask to -inf outside each row's top-k, then outside the smallest set reaching top-p mass."""
     return top_k_top_p_reference(logits, t.top_ks if t.any_top_k else None, t.top_ps if t.any_top_p else None)
@@ -134,7 +156,7 @@ class Sampler(torch.nn.Module):
 
     def forward(self, logits: Tensor, t: SamplingTensors) -> Tensor:
         # A float32 copy: computing in float32 whatever the model dtype, and in-place edits stay ours.
-        logits = logits.to(torch.float32, copy=True)
+        raw, logits = logits, logits.to(torch.float32, copy=True)
         vocab = logits.shape[1]
         if t.banned_token_ids is not None:
             logits.masked_fill_(_token_mask(t.banned_token_ids, vocab), float("-inf"))
@@ -142,6 +164,8 @@ class Sampler(torch.nn.Module):
             logits = apply_allowed_and_bias(logits, t)
         if t.any_penalty:
             logits = apply_penalties(logits, t)
+        if t.grammar_bitmask is not None:
+            logits = apply_grammar(logits.contiguous(), raw, t)
         greedy_ids = logits.argmax(dim=-1)
         if t.all_greedy:
             return greedy_ids
@@ -166,6 +190,7 @@ __all__ = [
     "Sampler",
     "SamplingTensors",
     "apply_allowed_and_bias",
+    "apply_grammar",
     "apply_penalties",
     "apply_top_k_top_p",
     "counter_uniforms",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from rayinfer.workers.grammar import GrammarSpec
+
 
 @dataclass(frozen=True)
 class SamplingOptions:
@@ -25,6 +27,7 @@ class SamplingOptions:
     allowed_token_ids: list[int] | None = None  # None: every id
     logprobs: int | None = None  # top-k logprobs of each drawn token (None: none)
     prompt_logprobs: int | None = None  # top-k logprobs of each prompt token (None: none)
+    grammar: GrammarSpec | None = None  # structured output: only tokens the grammar accepts next are drawn
 
     @property
     def is_greedy(self) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,8 @@ from rayinfer.workers.sampling_options import SamplingOptions
 from rayinfer.workers.step_plan import PENDING_TOKEN, NewSequence, SampleRequest, SequenceChunk, StepPlan
 from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
 from rayinfer.workers.model_config import ModelSpec
-from rayinfer.workers.model_source import checkpoint_dir
+from rayinfer.workers.grammar import GrammarCompiler, GrammarError, GrammarSpec
+from rayinfer.workers.model_source import checkpoint_dir, tokenizer_dir
 from rayinfer.workers.cuda_graphs import DecodeGraphs
 from rayinfer.workers.model_runner import ModelRunner
 from rayinfer.workers.parallel_state import set_tensor_parallel_group
@@ -102,6 +104,8 @@ class Worker:
         self.sequences = SequenceStates()
         self.runner: ModelRunner | None = None
         self.model: torch.nn.Module | None = None
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
 
     # ------------------------------------------------------------ setup
     def pid(self) -> int:
@@ -179,7 +183,9 @@ class Worker:
         pool = KVPool(
             self.spec.num_layers, num_blocks, self.config.block_size, kv_heads, self.spec.head_dim, self.dtype, self.device
         )
-        self.runner = ModelRunner(self.model, pool, self.spec.vocab_size, self.device, self.config.max_num_seqs)
+        self.runner = ModelRunner(
+            self.model, pool, self.spec.vocab_size, self.device, self.config.max_num_seqs, self.grammar_compiler
+        )
         if capture_graphs and self._uses_cuda_graphs():
             self._capture_decode_graphs()
 
@@ -207,12 +213,38 @@ class Worker:
             return
         self.runner.graphs = graphs
 
+    # ------------------------------------------------------------ structured outputs
+    def grammar_compiler(self) -> GrammarCompiler:
+        """This rank's grammar compiler, made on first use (it loads the tokenizer): the engine's stop ids end
+        every grammar, as they end every sequence."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                from transformers import AutoTokenizer
+
+                from rayinfer.workers.model_config import stop_token_ids
+
+                tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(self.config)))
+                self._grammar_compiler = GrammarCompiler(
+                    tokenizer, self.spec.vocab_size, stop_token_ids(self.spec, tokenizer)
+                )
+            return self._grammar_compiler
+
+    def prepare_grammar(self, spec: GrammarSpec) -> tuple[str, str] | None:
+        """Compiles `spec` ahead of its sequences (called beside the step loop, not in it); returns (the
+        constraint's kind, why) when it cannot be compiled."""
+        try:
+            self.grammar_compiler().compile(spec)
+        except GrammarError as exc:
+            return exc.kind, str(exc)
+        return None
+
     # ------------------------------------------------------------ steps
     def execute(self, plan: StepPlan) -> StepOutput | None:
         """Applies the plan's changes, runs the step; rank 0 returns the drawn tokens (and the logprobs asked
         for), other ranks None."""
         self.sequences.apply(plan)
         self.runner.sampling_batch.apply(plan)
+        self.runner.grammars.apply(plan)
         if plan.block_copies:
             self.runner.kv_pool.copy_blocks(plan.block_copies)
         if plan.chunks:

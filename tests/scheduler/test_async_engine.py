@@ -171,3 +171,35 @@ def test_health_reports_failure_recovery_and_a_stalled_step_loop(llama_dir: Path
         stalling.engine.failure = None
         gate.set()
         stalling.shutdown()
+
+
+def test_a_slow_grammar_compile_delays_only_its_own_request(engine: AsyncEngine, monkeypatch) -> None:
+    """A structured output's grammar compiles beside the step loop: while it compiles (held here until released),
+    another request streams to its end; then the constrained one runs and obeys its regex."""
+    import re
+    import threading
+
+    from rayinfer.cluster import StructuredOutputsParams
+
+    executor, release = engine.engine.executor, threading.Event()
+    compile_for_real = executor.prepare_grammar
+
+    def slow_compile(spec):
+        release.wait(timeout=30)
+        return compile_for_real(spec)
+
+    monkeypatch.setattr(executor, "prepare_grammar", slow_compile)
+    constraint = StructuredOutputsParams(regex="[0-9]{4}-(slow|compile)")
+
+    async def run() -> tuple[list, list]:
+        constrained = asyncio.ensure_future(_collect(engine.generate(
+            "constrained", "Hello", SamplingParams(max_tokens=30, temperature=1.0, structured_outputs=constraint))))
+        plain = await _collect(engine.generate("plain", "Hello", SamplingParams(max_tokens=30, **GREEDY)))
+        assert not constrained.done()  # still compiling: the plain request did not wait for it
+        release.set()
+        return plain, await constrained
+
+    plain, constrained = asyncio.run(run())
+    assert len(sum((d.outputs[0].token_ids for d in plain), [])) == 30
+    assert re.fullmatch("[0-9]{4}-(slow|compile)", "".join(d.outputs[0].text for d in constrained))
+    assert constrained[-1].outputs[0].finish_reason == "stop"

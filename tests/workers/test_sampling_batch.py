@@ -134,6 +134,8 @@ def _described(requests: list[SampleRequest]) -> dict:
         any_top_p=any(x < 1.0 for x in top_ps),
         any_min_p=any(x > 0.0 for x in min_ps),
         any_penalty=any_penalty,
+        grammar_bitmask=None,  # the model runner adds a step's grammar mask (grammar_matchers.py)
+        grammar_may_empty=False,
     )
 
 

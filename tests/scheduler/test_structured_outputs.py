@@ -200,3 +200,43 @@ def test_tensor_parallel_ranks_mask_alike(llm, llama_dir: Path, ray_session) -> 
             tp.generate(prompts[:1], SamplingParams(structured_outputs=StructuredOutputsParams(regex="[a-")))
     finally:
         tp.shutdown()
+
+
+def test_a_fresh_worker_group_resumes_each_grammar_where_its_text_stands(llm, llama_dir: Path) -> None:
+    """The worker is lost mid-output and replaced by one that holds nothing (no matchers, no compiled grammars):
+    the sequences sent to it again replay their outputs into new matchers, so greedy outputs equal an undisturbed
+    run's token for token."""
+    import functools
+
+    from rayinfer.configs import EngineConfig
+    from rayinfer.scheduler.engine import Engine
+    from rayinfer.workers.executor import InProcessExecutor
+    from rayinfer.workers.executor_interface import WorkerGroupFailure
+
+    class LosesItsWorkerOnce(InProcessExecutor):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.rebuild, self.steps = functools.partial(InProcessExecutor.__init__, self, *args, **kwargs), 0
+
+        def execute(self, plan):
+            self.steps += 1
+            if self.steps == 6:
+                raise WorkerGroupFailure("rank 0 died")
+            return super().execute(plan)
+
+        def restart(self) -> None:
+            self.rebuild()
+
+    schema = SCHEMAS["nested-object"]
+    params = SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=StructuredOutputsParams(json=schema))
+    expected = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params,
+                                                             use_tqdm=False)]
+    engine = Engine(EngineConfig(model=str(llama_dir), dtype="float32"), executor_factory=LosesItsWorkerOnce)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), None, params, prompt_token_ids=prompt)
+    outputs: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for delta in engine.step():
+            outputs.setdefault(delta.request_id, []).extend(delta.outputs[0].token_ids)
+    assert engine.executor.steps > 6 and engine.failure is None
+    assert [outputs[str(i)] for i in range(len(PROMPTS))] == expected

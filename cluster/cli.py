@@ -59,6 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _served_apps(args: argparse.Namespace) -> tuple[str, int, list]:
     """The applications to deploy: the config file's (if given) with the command line's overrides on top."""
+    from rayinfer.cluster.openai.tool_calls import check_tool_call_parser
     from rayinfer.cluster.serve_config import ServeConfig, ServedApp, load_serve_config
     from rayinfer.workers.model_source import check_model_source
 
@@ -78,6 +79,7 @@ def _served_apps(args: argparse.Namespace) -> tuple[str, int, list]:
             app.args["model"] = DEMO_MODEL_NAME
         engine_config = EngineConfig(**{k: v for k, v in app.args.items() if k != "served_model_name"})  # bad args
         check_model_source(engine_config)  # and a Hub id that is not there (or not cached, offline) fail before Ray
+        check_tool_call_parser(engine_config.tool_call_parser)  # as does an unknown parser
     host = args.host if args.host is not None else config.host
     port = args.port if args.port is not None else config.port
     return host, port, config.apps

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from rayinfer.cluster.openai.routes import LLMServer
+from rayinfer.cluster.openai.tool_calls import check_tool_call_parser
 from rayinfer.configs import EngineConfig
 
 
@@ -26,6 +27,7 @@ def build_app(
     """
     from rayinfer.workers.ray_executor import worker_bundles
 
+    check_tool_call_parser(config.tool_call_parser)  # here, not in a replica that Serve would restart in a loop
     options = deployment_options or {}
     unknown = set(options) - {LLMServer.name}
     if unknown:  # `EngineDeployment` and `Ingress` were merged into `LLMServer`

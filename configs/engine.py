@@ -74,6 +74,11 @@ class EngineConfig(BaseModel):
     # The key HTTP clients must send as `Authorization: Bearer <key>` (else RAYINFER_API_KEY, else none); a
     # SecretStr so that printing a config does not show it.
     api_key: SecretStr | None = None
+    # How the server reads the model's own tool calls for tool_choice "auto" (vLLM's --tool-call-parser: hermes,
+    # llama3_json, mistral, qwen); checked when the server starts. Without one, "auto" is refused.
+    tool_call_parser: str | None = Field(None, description="parser of the model's tool calls for tool_choice "
+                                         "'auto' (hermes, llama3_json, mistral, qwen; default: none, and 'auto' is "
+                                         "refused)")
 
     @field_validator("model", "tokenizer")
     @classmethod

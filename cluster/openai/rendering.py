@@ -4,7 +4,8 @@ A `Renderer` renders one response: completions choices (the prompt first with `e
 format) or chat choices, as a whole response from assembled outputs, or as one stream chunk per delta. Prompt i's
 completion j is choice i * n + j. A stream sends each delta as it comes, so a renderer keeps, per choice,
 whether it has started (chat's first delta names the role; echo puts the prompt first) and where its next
-`text_offset` starts, and the tokens sent so far for the usage chunk.
+`text_offset` starts, and the tokens sent so far for the usage chunk. A chat request with tool calling
+(`tool_calls.ToolCalling`) has each choice's text read for calls: whole, or streamed as argument deltas.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from rayinfer.cluster.openai.response_models import (
     UsageInfo,
     now_s,
 )
+from rayinfer.cluster.openai.tool_calls import ToolCalling, ToolCallStreams
 from rayinfer.scheduler.outputs import CompletionOutput, RequestOutput
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -44,10 +46,12 @@ def sse_event(chunk: BaseModel) -> str:
 
 
 class Renderer:
-    """One response to `body` over `prompts`: its id, `created` time and model name, shared by all its chunks."""
+    """One response to `body` over `prompts`: its id, `created` time and model name, shared by all its chunks;
+    `tool_calling` reads a chat request's outputs for tool calls."""
 
     def __init__(
-        self, body: SamplingRequest, model: str, tokenizer: Any, prompts: list[PromptInput], response_id: str
+        self, body: SamplingRequest, model: str, tokenizer: Any, prompts: list[PromptInput], response_id: str,
+        tool_calling: Optional[ToolCalling] = None,
     ) -> None:
         self.body = body
         self.chat = isinstance(body, ChatCompletionRequest)
@@ -60,6 +64,8 @@ class Renderer:
         self._started: set[int] = set()
         self._prompt_logprobs: dict[int, list] = {}  # by prompt: the engine sends them once
         self._text_offsets: dict[int, int] = {}  # by choice
+        self.tool_calling = tool_calling
+        self._tool_streams = ToolCallStreams(tool_calling) if tool_calling is not None else None
 
     # ------------------------------------------------------------------ bodies
     def usage(self, completion_tokens: int) -> UsageInfo:
@@ -118,9 +124,10 @@ class Renderer:
                 completion_tokens += len(c.token_ids)
                 index = prompt_index * n + i
                 if self.chat:
+                    message, finish_reason = self._chat_message(c.text, c.finish_reason)
                     choices.append(ChatCompletionChoice(
-                        index=index, message=ChatResponseMessage(content=c.text),
-                        logprobs=self.chat_logprobs(c.token_ids, c.logprobs), finish_reason=c.finish_reason))
+                        index=index, message=message, logprobs=self.chat_logprobs(c.token_ids, c.logprobs),
+                        finish_reason=finish_reason))
                 else:
                     choice, _ = self.completion_choice(index, c.text, c.token_ids, c.logprobs, c.finish_reason,
                                                        echo=self._echo(prompt_index, output.prompt_logprobs))
@@ -139,10 +146,10 @@ class Renderer:
             first = index not in self._started
             self._started.add(index)
             if self.chat:
-                message = DeltaMessage(role="assistant" if first else None, content=c.text)
+                message, finish_reason = self._chat_delta(index, c.text, c.finish_reason, first)
                 choices.append(ChatCompletionStreamChoice(
                     index=index, delta=message, logprobs=self.chat_logprobs(c.token_ids, c.logprobs),
-                    finish_reason=c.finish_reason))
+                    finish_reason=finish_reason))
                 continue
             echo = self._echo(prompt_index, self._prompt_logprobs.get(prompt_index)) if first else None
             choice, self._text_offsets[index] = self.completion_choice(
@@ -150,6 +157,26 @@ class Renderer:
                 text_offset=self._text_offsets.get(index, 0))
             choices.append(choice)
         return self.chunk(choices) if choices else None
+
+    def _chat_message(self, text: str, finish_reason: Optional[str]) -> tuple[ChatResponseMessage, Optional[str]]:
+        """A whole chat choice's message (its tool calls read out of the text) and finish reason."""
+        if self.tool_calling is None:
+            return ChatResponseMessage(content=text), finish_reason
+        content, calls = self.tool_calling.parse(text)
+        message = ChatResponseMessage(content=content, tool_calls=calls or None)
+        return message, self.tool_calling.finish_reason(finish_reason, bool(calls))
+
+    def _chat_delta(
+        self, index: int, text: str, finish_reason: Optional[str], first: bool
+    ) -> tuple[DeltaMessage, Optional[str]]:
+        """A streamed chat choice's delta (with tool-call pieces, content only where there is some) and finish
+        reason."""
+        role = "assistant" if first else None
+        if self._tool_streams is None:
+            return DeltaMessage(role=role, content=text), finish_reason
+        piece, finish_reason = self._tool_streams.delta(index, text, finish_reason)
+        content = piece.content if piece.content or not piece.tool_calls else None
+        return DeltaMessage(role=role, content=content, tool_calls=piece.tool_calls or None), finish_reason
 
     def usage_event(self) -> str:
         """The stream's closing usage chunk: every prompt's tokens and the completion tokens streamed."""

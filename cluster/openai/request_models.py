@@ -5,6 +5,7 @@ ranges are not checked here: `SamplingParams` checks them when `sampling_fields`
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
@@ -72,19 +73,81 @@ class TextContentPart(_Request):
         return data
 
 
+class ToolCallFunction(_Request):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _arguments_are_json(cls, value: str) -> str:
+        # Templates take the arguments as an object (vLLM parses them too); text that is not JSON cannot reach them.
+        if value.strip():
+            try:
+                json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"function.arguments must be JSON text (got {value[:80]!r}: {exc})") from None
+        return value
+
+
+class MessageToolCall(_Request):
+    """A tool call an earlier assistant turn made, as the client sends the conversation back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+    def template_call(self) -> dict[str, Any]:
+        arguments = json.loads(self.function.arguments) if self.function.arguments.strip() else {}
+        return {"id": self.id, "type": self.type, "function": {"name": self.function.name, "arguments": arguments}}
+
+
+class FunctionDefinition(_Request):
+    name: Annotated[str, Field(min_length=1)]
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None  # a JSON schema; none: the function takes no arguments
+    strict: Optional[bool] = None
+
+
+class ChatTool(_Request):
+    """One entry of `tools`: a function the model may call."""
+
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+    def template_tool(self) -> dict[str, Any]:
+        """The tool as chat templates take it (`tools=` of `apply_chat_template`): OpenAI's shape, unset keys
+        left out."""
+        return self.model_dump(exclude_none=True)
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    """`tool_choice` naming the one function the model must call."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatMessage(_Request):
     """One chat turn; `content` is a string, a list of text parts (joined by newlines, as vLLM does for templates
-    that take string content) or null (an assistant turn that only called tools: an empty string)."""
+    that take string content) or null (an assistant turn that only called tools: an empty string). An assistant
+    turn may carry the `tool_calls` it made; a `tool` turn answers one of them by its `tool_call_id`."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextContentPart], None] = None
     name: Optional[str] = None  # reaches the chat template, as in vLLM
     tool_call_id: Optional[str] = None
+    tool_calls: Optional[list[MessageToolCall]] = None
 
     @model_validator(mode="after")
     def _tool_results_name_their_call(self) -> "ChatMessage":
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a message with role 'tool' needs the tool_call_id of the call it answers")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls (this one's role is {self.role!r})")
         return self
 
     def text(self) -> str:
@@ -95,15 +158,50 @@ class ChatMessage(_Request):
             return self.content
         return "\n".join(part.text for part in self.content)
 
-    def template_message(self) -> dict[str, str]:
-        """The message as the chat template sees it: role, content as one string, and `name` (and a tool result's
-        `tool_call_id`) when given, as vLLM passes them."""
-        message = {"role": self.role, "content": self.text()}
+    def template_message(self) -> dict[str, Any]:
+        """The message as the chat template sees it: role, content as one string, and `name`, an assistant's
+        `tool_calls` (arguments as objects, which tool-use templates expect) and a tool result's `tool_call_id`
+        when given, as vLLM passes them."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
         if self.name is not None:
             message["name"] = self.name
+        if self.tool_calls is not None:
+            message["tool_calls"] = [call.template_call() for call in self.tool_calls]
         if self.role == "tool" and self.tool_call_id is not None:
             message["tool_call_id"] = self.tool_call_id
         return message
+
+
+class JsonSchemaFormat(_Request):
+    """`response_format.json_schema`: the schema the output must validate against (`schema`) and its name."""
+
+    name: str
+    description: Optional[str] = None
+    json_schema: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON that validates against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.json_schema is None):
+            raise ValueError("a response_format of type 'json_schema' needs json_schema.schema, the JSON schema")
+        return self
+
+
+class StructuredOutputsField(_Request):
+    """vLLM's `structured_outputs` extra field: exactly one of its constraints (checked when it is converted)."""
+
+    json_: Union[str, dict[str, Any], None] = Field(None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
 
 
 class SamplingRequest(_Request):
@@ -135,6 +233,14 @@ class SamplingRequest(_Request):
     # vLLM's older beam search: the beam width is best_of if given, else n; the n best beams come back, best first.
     use_beam_search: bool = False
     length_penalty: float = 1.0
+    # The output's shape (`structured_fields` turns them into the engine's constraint; at most one may be given):
+    # OpenAI's response_format, vLLM's structured_outputs, and vLLM's older guided_* fields.
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsField] = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
 
     @field_validator("stream_options")
     @classmethod
@@ -181,6 +287,19 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: Optional[int] = None
     add_generation_prompt: bool = True
     best_of: Optional[int] = None  # a vLLM extra here, as on completions
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: bool = True
+
+    @property
+    def effective_tool_choice(self) -> Union[str, NamedToolChoice]:
+        """`tool_choice` as vLLM resolves it: unset means "auto" with tools and "none" without; "required" with an
+        empty tool list means "none", as OpenAI does."""
+        if self.tool_choice is None:
+            return "auto" if self.tools else "none"
+        if self.tool_choice == "required" and self.tools == []:
+            return "none"
+        return self.tool_choice
 
     @field_validator("top_logprobs")
     @classmethod
@@ -197,6 +316,7 @@ class TokenizeRequest(_Request):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[ChatTool]] = None  # reach the chat template with the messages, as on chat completions
     add_special_tokens: Optional[bool] = None  # None: True for a prompt, False for messages (template adds them)
     add_generation_prompt: bool = True
     return_token_strs: bool = False

@@ -77,9 +77,33 @@ class CompletionStreamResponse(_Response):
 # -------------------------------------------------------------------------------------------------- chat
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Response):
+    """A tool call the model made, in a whole response's message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(_Response):
+    """The assistant's message; `content` is null when it only called tools, `tool_calls` left out when it called
+    none."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[list[ToolCall]] = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_tool_calls(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 class ChatCompletionLogProb(_Response):
@@ -114,11 +138,35 @@ class ChatCompletionResponse(_Response):
     usage: UsageInfo
 
 
+class _DropNone(_Response):
+    """A stream part whose unset keys are left out."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_DropNone):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(_DropNone):
+    """A streamed piece of tool call `index`: its first names it (`id`, `type`, `function.name`), the later ones add
+    to `function.arguments`."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class DeltaMessage(_Response):
     """A streamed message delta; unset keys are left out (`{}` on the closing chunk)."""
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

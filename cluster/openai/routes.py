@@ -38,6 +38,7 @@ from rayinfer.cluster.openai.rendering import SSE_DONE, PromptInput, Renderer
 from rayinfer.cluster.openai.request_models import (
     ChatCompletionRequest,
     ChatMessage,
+    ChatTool,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
@@ -55,6 +56,7 @@ from rayinfer.cluster.openai.response_models import (
     random_id,
 )
 from rayinfer.cluster.openai.sampling_fields import to_sampling_params
+from rayinfer.cluster.openai.tool_calls import ToolCalling, check_tool_call_parser, tool_calling_for
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.request_errors import InvalidRequestError
 
@@ -110,6 +112,8 @@ class LLMServer:
         self.engine = (engine_factory or EngineReplica)(config)
         self.model_name = served_model_name
         self.max_prompts = config.max_prompts_per_request
+        check_tool_call_parser(config.tool_call_parser)
+        self.tool_call_parser = config.tool_call_parser  # reads the model's own calls for tool_choice "auto"
         from rayinfer.workers.model_source import tokenizer_dir
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(config)))  # the model may be a Hub id
@@ -159,7 +163,10 @@ class LLMServer:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing
         try:
-            text = body.prompt if body.prompt is not None else self._chat_text(body.messages, body.add_generation_prompt)
+            if body.prompt is not None:
+                text = body.prompt
+            else:
+                text = self._chat_text(body.messages, body.add_generation_prompt, body.tools)
         except InvalidRequestError as exc:
             return invalid_request(exc)
         tokens = self.tokenizer.encode(text, add_special_tokens=body.use_special_tokens)
@@ -202,27 +209,34 @@ class LLMServer:
         if (missing := self._unknown_model(body.model)) is not None:
             return missing
         try:
-            text = self._chat_text(body.messages, body.add_generation_prompt)
+            tool_calling = tool_calling_for(body, self.tool_call_parser)
+            text = self._chat_text(body.messages, body.add_generation_prompt, body.tools)
         except InvalidRequestError as exc:
             return invalid_request(exc)
-        return await self._serve(body, [(text, self.tokenizer.encode(text, add_special_tokens=False))])
+        return await self._serve(body, [(text, self.tokenizer.encode(text, add_special_tokens=False))], tool_calling)
 
-    def _chat_text(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-        """The conversation through the model's chat template (`chat_template.render_chat`: names reach it; one it
-        refuses is an `InvalidRequestError`, the request's 400)."""
-        return render_chat(self.tokenizer, messages, add_generation_prompt)
+    def _chat_text(
+        self, messages: list[ChatMessage], add_generation_prompt: bool, tools: Optional[list[ChatTool]] = None
+    ) -> str:
+        """The conversation (and tools) through the model's chat template (`chat_template.render_chat`: names and
+        tool calls reach it; one it refuses is an `InvalidRequestError`, the request's 400)."""
+        return render_chat(self.tokenizer, messages, add_generation_prompt, tools)
 
     def _encode(self, prompt: str | list[int]) -> PromptInput:
         if isinstance(prompt, str):
             return prompt, self.tokenizer.encode(prompt)
         return None, list(prompt)
 
-    async def _serve(self, body: SamplingRequest, prompts: list[PromptInput]) -> Any:
-        """One request's prompts through the engine; whether each fits the context is the engine's to say."""
+    async def _serve(
+        self, body: SamplingRequest, prompts: list[PromptInput], tool_calling: Optional[ToolCalling] = None
+    ) -> Any:
+        """One request's prompts through the engine; whether each fits the context is the engine's to say.
+        `tool_calling` reads a chat request's outputs for tool calls."""
         info = self._engine_info
         prefix = "chatcmpl" if isinstance(body, ChatCompletionRequest) else "cmpl"
         request_ids = [random_id(prefix) for _ in prompts]
-        renderer = Renderer(body, self.model_name, self.tokenizer, prompts, response_id=request_ids[0])
+        renderer = Renderer(body, self.model_name, self.tokenizer, prompts, response_id=request_ids[0],
+                            tool_calling=tool_calling)
         if body.use_beam_search:
             return await serve_beam_search(self.engine, info, renderer)
         try:

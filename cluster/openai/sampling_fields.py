@@ -1,5 +1,6 @@
-"""What a completions or chat request asks of the engine: its `SamplingParams`, or its `BeamSearchParams` for
-`use_beam_search`, and which of its fields to blame for a refusal.
+"""What a completions or chat request asks of the engine: its `SamplingParams` (with the output's constraint,
+`structured_fields`), or its `BeamSearchParams` for `use_beam_search`, and which of its fields to blame for a
+refusal.
 
 Value ranges are `SamplingParams`' to check; its refusals, and the engine's when a request is added, carry the
 engine's field name (`InvalidRequestError.field`), which `blame` renames to the one the client sent: a chat
@@ -15,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 from rayinfer.cluster.openai.request_models import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from rayinfer.cluster.openai.structured_fields import constraint_field, constraint_renames, structured_outputs_of
 from rayinfer.scheduler.request_errors import InvalidRequestError
 from rayinfer.scheduler.sampling_params import GREEDY_TEMPERATURE_EPS, BeamSearchParams, SamplingParams
 
@@ -59,6 +61,7 @@ def field_renames(body: SamplingRequest) -> dict[str, str]:
         renames.update(logprobs="top_logprobs", prompt="messages", prompt_token_ids="messages")
     else:
         renames.update(prompt_logprobs="logprobs", prompt_token_ids="prompt")
+    renames.update(constraint_renames(body))
     return renames
 
 
@@ -66,11 +69,12 @@ def blame(
     body: SamplingRequest, error: InvalidRequestError, renames: Optional[Mapping[str, str]] = None
 ) -> InvalidRequestError:
     """`error` blaming the request's own field for the engine's (`renames` first, then `field_renames`); a field
-    the request does not have (the engine's `request_id`, say) is named by none."""
+    the request does not have (the engine's `request_id`, say) is named by none. A dotted name
+    (`structured_outputs.regex`) is kept when its first part is the request's."""
     field = error.field
     if field is not None:
         field = (renames or {}).get(field) or field_renames(body).get(field, field)
-    if field not in type(body).model_fields:
+    if field is None or field.split(".")[0] not in type(body).model_fields:
         return InvalidRequestError(str(error), None, error.reason)
     return error.renamed(field)
 
@@ -111,7 +115,8 @@ def to_sampling_params(body: SamplingRequest, room: int) -> SamplingParams:
             n=body.n, best_of=body.best_of, seed=body.seed, stop=body.stop, stop_token_ids=body.stop_token_ids,
             ignore_eos=body.ignore_eos, max_tokens=resolve_max_tokens(body, room), min_tokens=body.min_tokens,
             skip_special_tokens=body.skip_special_tokens, include_stop_str_in_output=body.include_stop_str_in_output,
-            logit_bias=body.logit_bias, allowed_token_ids=body.allowed_token_ids, **optional, **logprobs,
+            logit_bias=body.logit_bias, allowed_token_ids=body.allowed_token_ids,
+            structured_outputs=structured_outputs_of(body), **optional, **logprobs,
         )
     except InvalidRequestError as exc:
         raise blame(body, exc) from exc
@@ -145,6 +150,15 @@ def to_beam_search_params(body: SamplingRequest, room: int) -> BeamSearchParams:
     for name, accepted in NOT_WITH_BEAM_SEARCH.items():
         if name in model_fields and not accepted(getattr(body, name)):
             raise InvalidRequestError(f"{name} is not supported with use_beam_search", name)
+    # A beam search ranks raw logprobs and parses nothing: no constrained output, no tool calls.
+    constrained = constraint_field(body)
+    if constrained is not None:
+        raise InvalidRequestError(f"{constrained} (a structured output) is not supported with use_beam_search",
+                                  constrained)
+    if isinstance(body, ChatCompletionRequest) and body.effective_tool_choice != "none":
+        field = "tool_choice" if body.tool_choice is not None else "tools"
+        raise InvalidRequestError(f"{field}: tool calling is not supported with use_beam_search (tool_choice "
+                                  f"'none' leaves the tools in the prompt only)", field)
     max_tokens = resolve_max_tokens(body, room)
     try:
         # A prompt that fills the context has no cap to give: its first step is refused by the engine.

@@ -57,13 +57,13 @@ def serve_instance(ray_session):
 
 @pytest.fixture(scope="package")
 def server(serve_instance: str, llama_dir: Path) -> str:
-    """The OpenAI app on the tiny model, served as `tiny`."""
+    """The OpenAI app on the tiny model, served as `tiny`, reading tool calls in hermes' format (tool_choice "auto")."""
     from ray import serve
 
     from rayinfer.cluster.serve_app import build_app
 
-    serve.run(build_app(EngineConfig(model=str(llama_dir)), served_model_name="tiny"), name="rayinfer-test",
-              route_prefix="/")
+    config = EngineConfig(model=str(llama_dir), tool_call_parser="hermes")
+    serve.run(build_app(config, served_model_name="tiny"), name="rayinfer-test", route_prefix="/")
     return serve_instance
 
 

@@ -17,13 +17,42 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, *ROLE_TOKENS)  # ids 0..5, in this order
 TINY_VOCAB_SIZE = 512
 
 # Roles are checked so a bad message fails loudly; the assistant turn ends with EOS so generation stops there.
+# With `tools`, the system turn lists them and asks for calls in hermes' form (`<tool_call>{"name": ...,
+# "arguments": {...}}</tool_call>`, what `--tool-call-parser hermes` reads); an assistant's calls are written back in
+# that form and a tool's result goes in a user turn inside `<tool_response>`. Without tools or tool turns the text
+# is what it always was (the demo model was trained on it).
+TOOLS_PREAMBLE = "# Tools\n\nYou may call these functions:\n<tools>"  # terse: a 512-token context holds them
+TOOLS_INSTRUCTIONS = (
+    "\n</tools>\n\nTo call one, write:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\n</tool_call>"
+)
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('Unknown role: ' + message['role'] + ' (expected system, user or assistant)') }}"
+    "{% if tools %}"
+    "{{ '<|system|>\\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n\\n' }}{% endif %}"
+    "{{ " + repr(TOOLS_PREAMBLE) + " }}"
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson(separators=(',', ':'))) }}{% endfor %}"
+    "{{ " + repr(TOOLS_INSTRUCTIONS) + " + eos_token + '\\n' }}"
     "{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role'] + ' (expected system, user, assistant or tool)') }}"
+    "{% endif %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|user|>\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' + eos_token + '\\n' }}"
+    "{% elif message['role'] == 'assistant' and message.get('tool_calls') %}"
+    "{{ '<|assistant|>\\n' + message['content'] }}"
+    "{% for call in message['tool_calls'] %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": ' + (call['function']['name'] | tojson) + ', \"arguments\": ' "
+    "+ (call['function']['arguments'] | tojson) + '}\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ eos_token + '\\n' }}"
+    "{% else %}"
     "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )

@@ -141,6 +141,15 @@ class MarkedToolCallParser(BlockToolCallParser):
         return held_marker_prefix(tail, self.start_marker)
 
 
+def block_start(text: str, body: int, final: bool) -> tuple[int, Optional[BlockScan]]:
+    """Where a block's body begins past its whitespace, and the block's verdict when the text ends before it
+    (broken if final, else open): (start, None) when there is something to scan."""
+    j = skip_ws(text, body)
+    if j >= len(text):
+        return j, BlockScan(Progress.BAD if final else Progress.OPEN, body)
+    return j, None
+
+
 def close_with_marker(text: str, i: int, end_marker: str, final: bool, calls: list[ToolCall]) -> BlockScan:
     """A block whose `calls` are complete at `i` and which ends with `end_marker` after optional whitespace. A final
     output that stops before the marker (or inside it) still counts: generation may stop there."""

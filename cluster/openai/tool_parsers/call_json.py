@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from rayinfer.cluster.openai.tool_parsers.base import BlockScan, ToolCall
+from rayinfer.cluster.openai.tool_parsers.base import BlockScan, ToolCall, block_start
 from rayinfer.cluster.openai.tool_parsers.json_scan import Progress, Scan, scan_string, scan_value, skip_ws
 from rayinfer.cluster.openai.tool_parsers.memo import GrowingTextMemo
 
@@ -40,6 +40,22 @@ def scan_call_object(
     if memo is not None and scan.progress is not Progress.OPEN:
         memo.put(key, scan)  # settled, whatever follows
     return scan
+
+
+def scan_block_call(
+    text: str, body: int, final: bool, argument_keys: tuple[str, ...], memo: Optional[GrowingTextMemo] = None
+) -> CallObjectScan | BlockScan:
+    """A block whose body is one call object: the complete call, or the block's verdict while it is not (open
+    while streaming, broken once final or when the body is not an object)."""
+    j, ended = block_start(text, body, final)
+    if ended is not None:
+        return ended
+    if text[j] != "{":
+        return BlockScan(Progress.BAD, body)
+    call = scan_call_object(text, j, argument_keys, memo)
+    if call.progress is not Progress.DONE:
+        return BlockScan(Progress.BAD if final else call.progress, body, call.listed())
+    return call
 
 
 def _scan_call_object(

@@ -10,8 +10,7 @@ tag, so "</tool_call>" inside an argument string does not end the call.
 from __future__ import annotations
 
 from rayinfer.cluster.openai.tool_parsers.base import BlockScan, MarkedToolCallParser, close_with_marker
-from rayinfer.cluster.openai.tool_parsers.call_json import scan_call_object
-from rayinfer.cluster.openai.tool_parsers.json_scan import Progress, skip_ws
+from rayinfer.cluster.openai.tool_parsers.call_json import scan_block_call
 
 
 class HermesToolCallParser(MarkedToolCallParser):
@@ -20,12 +19,7 @@ class HermesToolCallParser(MarkedToolCallParser):
     end_marker = "</tool_call>"
 
     def scan_block(self, text: str, body: int, final: bool) -> BlockScan:
-        j = skip_ws(text, body)
-        if j >= len(text):
-            return BlockScan(Progress.BAD if final else Progress.OPEN, body)
-        if text[j] != "{":
-            return BlockScan(Progress.BAD, body)
-        call = scan_call_object(text, j, ("arguments", "parameters"), self.memo)
-        if call.progress is not Progress.DONE:
-            return BlockScan(Progress.BAD if final else call.progress, body, call.listed())
+        call = scan_block_call(text, body, final, ("arguments", "parameters"), self.memo)
+        if isinstance(call, BlockScan):
+            return call
         return close_with_marker(text, call.end, self.end_marker, final, call.listed())

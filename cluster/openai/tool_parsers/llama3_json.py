@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 from rayinfer.cluster.openai.tool_parsers.base import BlockScan, BlockToolCallParser, held_marker_prefix
-from rayinfer.cluster.openai.tool_parsers.call_json import scan_call_object
+from rayinfer.cluster.openai.tool_parsers.call_json import scan_block_call
 from rayinfer.cluster.openai.tool_parsers.json_scan import Progress, skip_ws
 
 PYTHON_TAG = "<|python_tag|>"
@@ -44,12 +44,7 @@ class Llama3JsonToolCallParser(BlockToolCallParser):
         return 0
 
     def scan_block(self, text: str, body: int, final: bool) -> BlockScan:
-        j = skip_ws(text, body)
-        if j >= len(text):
-            return BlockScan(Progress.BAD if final else Progress.OPEN, body)
-        if text[j] != "{":
-            return BlockScan(Progress.BAD, body)
-        call = scan_call_object(text, j, ("parameters", "arguments"), self.memo)
-        if call.progress is Progress.DONE:
-            return BlockScan(Progress.DONE, call.end, call.listed(), 1)
-        return BlockScan(Progress.BAD if final else call.progress, body, call.listed())
+        call = scan_block_call(text, body, final, ("parameters", "arguments"), self.memo)
+        if isinstance(call, BlockScan):
+            return call
+        return BlockScan(Progress.DONE, call.end, call.listed(), 1)

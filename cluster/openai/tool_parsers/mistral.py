@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from rayinfer.cluster.openai.tool_parsers.base import BlockScan, MarkedToolCallParser, ToolCall, cut_inside
+from rayinfer.cluster.openai.tool_parsers.base import BlockScan, MarkedToolCallParser, ToolCall, block_start, cut_inside
 from rayinfer.cluster.openai.tool_parsers.call_json import scan_arguments_object, scan_call_array
 from rayinfer.cluster.openai.tool_parsers.json_scan import Progress, skip_ws
 
@@ -25,9 +25,9 @@ class MistralToolCallParser(MarkedToolCallParser):
     start_marker = "[TOOL_CALLS]"
 
     def scan_block(self, text: str, body: int, final: bool) -> BlockScan:
-        j = skip_ws(text, body)
-        if j >= len(text):
-            return BlockScan(Progress.BAD if final else Progress.OPEN, body)
+        j, ended = block_start(text, body, final)
+        if ended is not None:
+            return ended
         if text[j] == "[":
             return scan_call_array(text, j + 1, final, ("arguments",), self.memo)
         return self._scan_named_call(text, body, j, final)

@@ -6,6 +6,8 @@
 #   decode   decode step time at batch 1 and 64 against the memory roofline (CUDA graphs and eager)
 #   peer     the same throughput workload on transformers' generate_batch
 #   kernels  scripts/bench_kernels.py (each kernel against copy bandwidth / SDPA)
+#   struct   structured outputs: the grammar-mask tests on CUDA and scripts/bench_structured.py (batch 1 and 64);
+#            needs xgrammar, from wheels in .whl (pip download xgrammar apache-tvm-ffi for the device's Python)
 #   tests    the GPU-marked tests and the model-coverage tests on CUDA
 # Usage: scripts/gpu_check.sh [BUDGET_SECONDS] [STAGES]  (default 520 s; stages comma-separated, default all).
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-out. Needs no Ray or FastAPI: the engine
@@ -13,7 +15,7 @@
 set -u
 cd "$(dirname "$0")/.."
 BUDGET=${1:-520}
-STAGES=${2:-smoke,build,thru,decode,peer,kernels,tests}
+STAGES=${2:-smoke,build,thru,decode,peer,kernels,struct,tests}
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -77,6 +79,13 @@ if want peer; then
 fi
 if want kernels; then
     run kernels 90 python3 scripts/bench_kernels.py --markdown --json "$OUT/kernels.json"
+fi
+if want struct; then
+    python3 -c "import xgrammar" 2>/dev/null || {
+        mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/xgrammar*.whl \
+            .whl/apache_tvm_ffi*.whl >"$OUT/xgrammar-install.log" 2>&1 && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; }
+    run struct-tests 90 python3 -m pytest -q -p no:cacheprovider --timeout 60 -m gpu tests/workers/test_grammar_matchers.py
+    run struct-bench 150 python3 scripts/bench_structured.py --repeats 5 --json "$OUT/bench_structured.json"
 fi
 if want tests; then
     # Triton compiles on the CPU: spread the test files over processes (pytest-xdist is on the GPU image).

@@ -54,9 +54,10 @@ class GrammarSpec:
         return cls("choice", json.dumps(list(options)))
 
 
-def choice_regex(options: list[str]) -> str:
-    """A regex that matches exactly one of `options` (each taken literally)."""
-    return "(" + "|".join(re.escape(option) for option in options) + ")"
+def choice_ebnf(options: list[str]) -> str:
+    """A grammar of exactly one of `options`, each a string literal. (Not a regex: xgrammar's regex reader does not
+    know every escape Python's `re.escape` writes, and warns on each.) JSON's string escapes are EBNF's."""
+    return "root ::= " + " | ".join(json.dumps(option, ensure_ascii=False) for option in options)
 
 
 # The character class xgrammar gives a length-bounded JSON string, and the one RFC 8259 allows unescaped.
@@ -128,7 +129,7 @@ class GrammarCompiler:
         if spec.kind == "regex":
             return compiler.compile_regex(spec.source)
         if spec.kind == "choice":
-            return compiler.compile_regex(choice_regex(json.loads(spec.source)))
+            return compiler.compile_grammar(choice_ebnf(json.loads(spec.source)))
         if spec.kind == "grammar":
             return compiler.compile_grammar(spec.source)
         raise GrammarError(spec.kind, f"unknown structured output kind {spec.kind!r}")

@@ -118,3 +118,14 @@ def test_the_cache_is_bounded_by_entries_and_bytes(tokenizer) -> None:
     for spec in specs:
         one_byte.compile(spec)
     assert list(one_byte._compiled) == specs[-1:]  # the latest always stays: its sequences are about to use it
+
+
+def test_choices_are_taken_literally_whatever_they_hold(compiler, tokenizer, capfd) -> None:
+    """Quotes, backslashes, regex metacharacters, spaces, newlines and characters outside the BMP: each choice is
+    drawn exactly as written, and the compile warns about nothing."""
+    options = ['a "quoted" word', "back\\slash", "[x]*+?(y)", "new\nline", "emoji 😀 here", "δ (delta)"]
+    spec = GrammarSpec.choices(options)
+    compiler.compile(spec)
+    assert "Warning" not in capfd.readouterr().err
+    drawn = {_sample(compiler, tokenizer, spec, seed) for seed in range(16)}
+    assert drawn <= set(options) and len(drawn) > 2

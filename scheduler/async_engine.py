@@ -19,7 +19,9 @@ from typing import Any
 from rayinfer.configs import EngineConfig
 from rayinfer.scheduler.engine import Engine
 from rayinfer.scheduler.outputs import RequestOutput
+from rayinfer.scheduler.request_errors import InvalidRequestError
 from rayinfer.scheduler.sampling_params import SamplingParams
+from rayinfer.workers.grammar import COMPILE_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,13 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         structured = getattr(params, "structured_outputs", None)
         if structured is not None:
-            await asyncio.to_thread(self.engine.grammar_checks.check, structured.spec())
+            spec = structured.spec()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.engine.grammar_checks.check, spec), COMPILE_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                raise InvalidRequestError.about(
+                    f"structured_outputs.{spec.kind}", f"it did not compile within {COMPILE_TIMEOUT_S:.0f}s"
+                ) from None
         outputs: asyncio.Queue = asyncio.Queue()
         accepted = loop.create_future()
         self._post(("add", request_id, prompt, params, prompt_token_ids, _Stream(loop, outputs), accepted))

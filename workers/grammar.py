@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 GrammarKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+# How long a request waits for its grammar to compile before it is refused (the compile goes on, and is cached).
+COMPILE_TIMEOUT_S = 60.0
 
 
 class GrammarError(ValueError):

@@ -19,7 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rayinfer.configs import EngineConfig
 from rayinfer.workers.executor_interface import Executor, WorkerGroupFailure
-from rayinfer.workers.grammar import GrammarSpec
+from rayinfer.workers.grammar import COMPILE_TIMEOUT_S, GrammarSpec
 from rayinfer.workers.step_channel import StepChannel, StepServer
 from rayinfer.workers.step_output import StepOutput
 from rayinfer.workers.step_plan import StepPlan
@@ -40,8 +40,6 @@ COMPILED_GRAPH_ENV = "RAYINFER_RAY_COMPILED_GRAPH"
 # while two steps are queued waits for both. Measured serving llama-56m on the 2-core machine at 1 request/s:
 # TTFT p50 120 ms in order against 146-180 ms pipelined. RAYINFER_PIPELINE_STEPS=1 or 0 forces the choice.
 PIPELINE_ENV = "RAYINFER_PIPELINE_STEPS"
-# How long the workers may take to compile a structured output's grammar before the request is refused.
-GRAMMAR_TIMEOUT_S = 60.0
 
 
 def worker_bundles(config: EngineConfig) -> list[dict[str, float]]:
@@ -214,9 +212,9 @@ class RayExecutor(Executor):
     def prepare_grammar(self, spec: GrammarSpec) -> tuple[str, str] | None:
         refs = [w.prepare_grammar.remote(spec) for w in self.workers]
         try:
-            problems = ray.get(refs, timeout=GRAMMAR_TIMEOUT_S)
+            problems = ray.get(refs, timeout=COMPILE_TIMEOUT_S)
         except GetTimeoutError:
-            return spec.kind, f"it did not compile within {GRAMMAR_TIMEOUT_S:.0f}s"
+            return spec.kind, f"it did not compile within {COMPILE_TIMEOUT_S:.0f}s"
         except RayError as exc:  # a lost worker is the step loop's to notice; its replacement compiles on arrival
             logger.warning("engine %s: preparing a grammar failed: %s", self.engine_id, exc)
             return None

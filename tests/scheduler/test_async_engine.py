@@ -203,3 +203,19 @@ def test_a_slow_grammar_compile_delays_only_its_own_request(engine: AsyncEngine,
     assert len(sum((d.outputs[0].token_ids for d in plain), [])) == 30
     assert re.fullmatch("[0-9]{4}-(slow|compile)", "".join(d.outputs[0].text for d in constrained))
     assert constrained[-1].outputs[0].finish_reason == "stop"
+
+
+def test_a_grammar_that_does_not_compile_in_time_is_refused(engine: AsyncEngine, monkeypatch) -> None:
+    import threading
+
+    from rayinfer.cluster import StructuredOutputsParams
+    from rayinfer.scheduler import async_engine
+
+    never, executor = threading.Event(), engine.engine.executor
+    monkeypatch.setattr(executor, "prepare_grammar", lambda spec: never.wait(timeout=5) and None)
+    monkeypatch.setattr(async_engine, "COMPILE_TIMEOUT_S", 0.2)
+    params = SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[0-9]+(too|slow)"))
+    with pytest.raises(InvalidRequestError, match="did not compile within") as refused:
+        asyncio.run(_collect(engine.generate("slow-grammar", "Hello", params)))
+    never.set()
+    assert refused.value.field == "structured_outputs.regex" and "slow-grammar" not in engine.engine.requests

@@ -54,7 +54,7 @@ CASES = [
     ("a tool message without its call id", "/v1/chat/completions",
      {"model": M, "messages": [{"role": "tool", "content": "42"}]}, 400, "messages.0", "tool_call_id"),
     ("a role the template refuses", "/v1/chat/completions",
-     {"model": M, "messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, 400, "messages",
+     {"model": M, "messages": [{"role": "developer", "content": "42"}]}, 400, "messages",
      "chat template cannot take these messages"),
     ("an image for a text model", "/v1/chat/completions",
      {"model": M, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

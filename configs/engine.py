@@ -15,6 +15,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 # Short spellings users type on command lines; normalised so the rest of the engine sees four names.
 DTYPE_ALIASES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+KV_CACHE_DTYPE_ALIASES: dict[str, str] = {"fp8_e4m3": "fp8"}  # vLLM's spelling of the same format
 # Token budget per step when chunked prefill is on and the user gave none.
 DEFAULT_CHUNKED_MAX_NUM_BATCHED_TOKENS = 2048
 MAX_BLOCK_SIZE = 256
@@ -36,10 +38,20 @@ class EngineConfig(BaseModel):
     download_dir: str | None = Field(None, description="Hugging Face cache folder that Hub models are fetched into "
                                      "and read from (default: HF_HUB_CACHE, else $HF_HOME/hub)")
     dtype: Dtype = "auto"
+    # The checkpoint's quantisation (read from config.json's quantization_config); naming it only checks that the
+    # checkpoint is in that format, as vLLM's --quantization does for these formats.
+    quantization: Literal["awq", "gptq", "fp8", "compressed-tensors"] | None = Field(
+        None, description="quantised checkpoint format (awq, gptq, fp8, compressed-tensors); default: as "
+        "config.json's quantization_config says")
     max_model_len: int | None = None
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
+    kv_cache_dtype: Literal["auto", "fp8", "int8"] = Field(
+        "auto", description="what the KV cache stores: auto (the model's dtype), fp8 (e4m3, alias fp8_e4m3) or int8, "
+        "each with a scale per token and KV head: about 4x (float32 models) or 2x (bfloat16) the tokens in the same "
+        "memory"
+    )
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True
@@ -107,6 +119,16 @@ class EngineConfig(BaseModel):
             raise ValueError(
                 f"dtype must be one of {', '.join(allowed)} (or fp32, fp16, bf16) (got {value!r})"
             )
+        return name
+
+    @field_validator("kv_cache_dtype", mode="before")
+    @classmethod
+    def _normalise_kv_cache_dtype(cls, value: Any) -> Any:
+        name = value.strip().lower() if isinstance(value, str) else None
+        name = KV_CACHE_DTYPE_ALIASES.get(name, name)
+        if name not in KV_CACHE_DTYPES:
+            allowed = ", ".join(KV_CACHE_DTYPES)
+            raise ValueError(f"kv_cache_dtype must be one of {allowed} (or fp8_e4m3) (got {value!r})")
         return name
 
     @field_validator(

@@ -1,6 +1,6 @@
 """Paged attention of a mixed step (prefill chunks and decode tokens) in plain torch: the reference that the Triton
 kernel (`attention_triton`) and the CPU path (`cpu_attention`) must match, plus the pieces the CPU path reuses for
-what its native kernel leaves to torch (`StepLayout`, `Scoring`, `attend_decodes_reference`,
+what its native kernel leaves to torch (`KVPages`, `StepLayout`, `Scoring`, `attend_decodes_reference`,
 `attend_chunks_reference`).
 """
 from __future__ import annotations
@@ -10,26 +10,45 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rayinfer.kernels.kv_quant import check_scales, dequantize
+
 
 # Decode rows batched per call in the reference path: enough to keep the fused attention busy, few enough that a
 # group's contexts are of similar length.
 _DECODE_GROUP = 16
 
 
-def _gather_context(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, length: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, nb] block ids -> K and V [B, nb * block_size, Hkv, D] token-major, `length` rounded up to blocks.
+@dataclass(frozen=True)
+class KVPages:
+    """A layer's pool: K and V [num_blocks, block_size, Hkv, D] and, for a quantised pool (fp8 / int8 codes,
+    `kv_quant`), their scales [num_blocks, block_size, Hkv]."""
 
-    One index_select of token slots on the flattened pool: on CPU about 3x faster than indexing by blocks."""
-    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    blocks = block_tables[:, : -(-length // block_size)]
-    offsets = torch.arange(block_size, device=blocks.device)
-    slots = (blocks[:, :, None] * block_size + offsets).flatten()
-    shape = (blocks.shape[0], blocks.shape[1] * block_size, num_kv_heads, head_dim)
-    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots).view(shape)
-    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, slots).view(shape)
-    return k, v
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scales: torch.Tensor | None = None
+    v_scales: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        check_scales(self.k, self.k_scales, "k_scales")
+        check_scales(self.v, self.v_scales, "v_scales")
+
+    def gather(self, block_tables: torch.Tensor, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, nb] block ids -> K and V [B, nb * block_size, Hkv, D] token-major, `length` rounded up to blocks;
+        quantised codes come back dequantised to `dtype`.
+
+        One index_select of token slots on the flattened pool: on CPU about 3x faster than indexing by blocks."""
+        block_size, num_kv_heads, head_dim = self.k.shape[1:]
+        blocks = block_tables[:, : -(-length // block_size)]
+        offsets = torch.arange(block_size, device=blocks.device)
+        slots = (blocks[:, :, None] * block_size + offsets).flatten()
+        shape = (blocks.shape[0], blocks.shape[1] * block_size, num_kv_heads, head_dim)
+        out = []
+        for cache, scales in ((self.k, self.k_scales), (self.v, self.v_scales)):
+            rows = cache.view(-1, num_kv_heads, head_dim).index_select(0, slots)
+            if scales is not None:
+                rows = dequantize(rows, scales.view(-1, num_kv_heads).index_select(0, slots), dtype)
+            out.append(rows.view(shape))
+        return out[0], out[1]
 
 
 def _attend(
@@ -104,6 +123,8 @@ def paged_attention_reference(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]. Decode rows are batched in one gather; each prefill chunk runs on its own.
 
@@ -116,12 +137,15 @@ def paged_attention_reference(
     sliding_window: a query sees keys less than this many positions behind it. soft_cap: scores become
     cap * tanh(score / cap) (after scaling). alibi_slopes [Hq]: adds slope * (k_pos - q_pos).
     max_query_len / max_seq_len / num_splits are launch hints for the Triton kernel; results do not depend on them.
+    k_scales / v_scales [num_blocks, block_size, Hkv]: the scales of a quantised (fp8 / int8) pool, whose keys and
+    values are read as codes * scale, cast to q's dtype.
     """
     step = StepLayout.of(query_start_loc, seq_lens)
     scoring = Scoring(scale, sliding_window, soft_cap, alibi_slopes)
+    pages = KVPages(k_cache, v_cache, k_scales, v_scales)
     out = torch.empty_like(q)
-    attend_decodes_reference(out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, step, scoring)
-    attend_chunks_reference(out, q, k_cache, v_cache, block_tables, seq_lens, step, scoring)
+    attend_decodes_reference(out, q, pages, block_tables, query_start_loc, seq_lens, step, scoring)
+    attend_chunks_reference(out, q, pages, block_tables, seq_lens, step, scoring)
     return out
 
 
@@ -166,7 +190,7 @@ class Scoring:
         return _attend(q_rows, k, v, allowed, self.scale, self.soft_cap, bias, self.alibi_slopes)
 
 
-def attend_decodes_reference(out, q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, step, scoring) -> None:
+def attend_decodes_reference(out, q, pages: KVPages, block_tables, query_start_loc, seq_lens, step, scoring) -> None:
     """The step's decode rows, batched and padded to the longest context of their group: sorted by length in
     groups of _DECODE_GROUP, so short contexts are not padded to the longest of the whole step."""
     decode_rows = sorted(step.decode_rows(), key=step.lengths.__getitem__)
@@ -175,17 +199,17 @@ def attend_decodes_reference(out, q, k_cache, v_cache, block_tables, query_start
         rows = torch.tensor(group, device=q.device)
         token_idx = query_start_loc[rows]
         lens = seq_lens[rows]
-        k, v = _gather_context(k_cache, v_cache, block_tables[rows], step.lengths[group[-1]])
+        k, v = pages.gather(block_tables[rows], step.lengths[group[-1]], q.dtype)
         out[token_idx] = scoring.attend(q[token_idx].unsqueeze(1), k, v, (lens - 1)[:, None], lens).squeeze(1)
 
 
-def attend_chunks_reference(out, q, k_cache, v_cache, block_tables, seq_lens, step, scoring) -> None:
+def attend_chunks_reference(out, q, pages: KVPages, block_tables, seq_lens, step, scoring) -> None:
     """The step's prefill chunks (query_len > 1), one at a time."""
     for i, q_len in enumerate(step.query_lens):
         if q_len <= 1:
             continue
         start, length = step.starts[i], step.lengths[i]
-        k, v = _gather_context(k_cache, v_cache, block_tables[i : i + 1], length)
+        k, v = pages.gather(block_tables[i : i + 1], length, q.dtype)
         q_pos = torch.arange(length - q_len, length, device=q.device)[None]
         rows = q[start : start + q_len].unsqueeze(0)
         if q_len == length and scoring.plain() and scoring.sliding_window is None:  # a whole prompt: plain causal
@@ -195,6 +219,7 @@ def attend_chunks_reference(out, q, k_cache, v_cache, block_tables, seq_lens, st
 
 
 __all__ = [
+    "KVPages",
     "Scoring",
     "StepLayout",
     "attend_chunks_reference",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from rayinfer.kernels.attention_split_kv import choose_num_splits, reduce_splits
+from rayinfer.kernels.kv_quant import check_scales, is_quantized
 from rayinfer.kernels.triton_compat import tl, triton
 
 
@@ -25,6 +26,8 @@ from rayinfer.kernels.triton_compat import tl, triton
 #   * Split-KV (flash-decoding): with num_splits > 1 the visited tile range of every query tile is cut into
 #     num_splits contiguous parts (works for prefill chunks and decodes alike); each part writes its running max,
 #     sum and unnormalised accumulator to float32 scratch, and `attention_split_kv.reduce_splits` merges them.
+#   * A quantised pool (fp8 e4m3 / int8 codes, `kv_quant`) is read as codes: each K/V tile is dequantised in
+#     registers by its rows' float32 scales, so the pool is read at 1 byte per element plus 4 per row and head.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -46,6 +49,8 @@ def _paged_attention_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     alibi_ptr,
+    k_scales_ptr,
+    v_scales_ptr,
     part_m_ptr,
     part_l_ptr,
     part_acc_ptr,
@@ -73,6 +78,9 @@ def _paged_attention_kernel(
     stride_od,
     stride_bts,
     stride_btb,
+    stride_sb,
+    stride_so,
+    stride_sh,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     GROUP: tl.constexpr,
@@ -85,6 +93,7 @@ def _paged_attention_kernel(
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
     tile_id = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -146,6 +155,10 @@ def _paged_attention_kernel(
         kv_mask = k_valid[:, None] & d_mask[None, :]
         k_rows = block * stride_kb + in_block * stride_ko + kv_head * stride_kh
         k = tl.load(k_cache_ptr + k_rows[:, None] + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        scale_rows = block * stride_sb + in_block * stride_so + kv_head * stride_sh  # unused unless KV_QUANT
+        if KV_QUANT:  # codes * their row's scale, in q's dtype (as kv_quant.dequantize)
+            k_scale = tl.load(k_scales_ptr + scale_rows, mask=k_valid, other=0.0)
+            k = (k.to(tl.float32) * k_scale[:, None]).to(q.dtype)
         if DOT_UPCAST:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -167,6 +180,9 @@ def _paged_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_rows = block * stride_vb + in_block * stride_vo + kv_head * stride_vh
         v = tl.load(v_cache_ptr + v_rows[:, None] + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if KV_QUANT:
+            v_scale = tl.load(v_scales_ptr + scale_rows, mask=k_valid, other=0.0)
+            v = (v.to(tl.float32) * v_scale[:, None]).to(q.dtype)
         if DOT_UPCAST:
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -219,6 +235,8 @@ def paged_attention_triton(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    k_scales: torch.Tensor | None = None,
+    v_scales: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -226,7 +244,8 @@ def paged_attention_triton(
 
     max_query_len / max_seq_len: host ints (read from the device only when not given). num_splits: forces the
     split-KV path with that many parts (1: never split); None lets the heuristic choose. out: optional [T, Hq, D]
-    destination (rows of tokens that belong to no sequence are left as they are).
+    destination (rows of tokens that belong to no sequence are left as they are). k_scales / v_scales: the scales
+    of a quantised (fp8 / int8) pool, dequantised per K/V tile as it is loaded.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -234,6 +253,11 @@ def paged_attention_triton(
         raise ValueError(f"q head_dim {head_dim} does not match caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)}")
     if num_heads % num_kv_heads != 0:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    check_scales(k_cache, k_scales, "k_scales")
+    check_scales(v_cache, v_scales, "v_scales")
+    kv_quant = is_quantized(k_cache)
+    if kv_quant and (v_cache.dtype != k_cache.dtype or k_scales.stride() != v_scales.stride()):
+        raise ValueError("quantised K and V pools must share one dtype and one scale layout")
     if out is None:
         out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     num_seqs = seq_lens.shape[0]
@@ -271,6 +295,8 @@ def paged_attention_triton(
         query_start_loc,
         seq_lens,
         alibi_slopes if alibi_slopes is not None else q,
+        k_scales if kv_quant else q,
+        v_scales if kv_quant else q,
         part_m,
         part_l,
         part_acc,
@@ -287,6 +313,7 @@ def paged_attention_triton(
         *v_cache.stride(),
         *out.stride(),
         *block_tables.stride(),
+        *(k_scales.stride() if kv_quant else (0, 0, 0)),
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=head_dim_pad,
         GROUP=group,
@@ -299,6 +326,7 @@ def paged_attention_triton(
         SPLIT=split,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         DOT_UPCAST=_INTERPRETED and q.dtype == torch.bfloat16,
+        KV_QUANT=kv_quant,
         num_warps=num_warps,
         num_stages=num_stages,
     )

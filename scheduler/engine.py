@@ -56,11 +56,13 @@ class Engine:
         from rayinfer.configs import resolved_limits
         from rayinfer.workers.model_config import check_tensor_parallel, load_model_spec, stop_token_ids
         from rayinfer.workers.model_source import checkpoint_dir, tokenizer_dir
+        from rayinfer.workers.quantization.config import quant_scheme_for
 
         self.config = config
         self.engine_id = engine_id or uuid.uuid4().hex[:8]  # names this engine's Ray actors and placement group
         self.model_spec = load_model_spec(checkpoint_dir(config))  # config.model may be a Hub id: fetched here
         check_tensor_parallel(self.model_spec, config.tensor_parallel_size)
+        quant_scheme_for(self.model_spec.raw, config.quantization)  # a format this engine cannot read fails here
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(config)))
         self.max_model_len, self.max_num_batched_tokens = resolved_limits(config, self.model_spec.max_model_len_limit)
         if executor_factory is None:

@@ -6,6 +6,8 @@
 #   decode   decode step time at batch 1 and 64 against the memory roofline (CUDA graphs and eager)
 #   peer     the same throughput workload on transformers' generate_batch
 #   kernels  scripts/bench_kernels.py (each kernel against copy bandwidth / SDPA)
+#   quant    the quantised-weight matmul tests on CUDA, then scripts/bench_quant_matmul.py: W4A16 and FP8 against
+#            bf16 on Llama-3-8B's projections at batch 1/8/64/512, with the W4A16 GEMV's share of --peak-tbps
 #   struct   structured outputs: the grammar-mask tests on CUDA and scripts/bench_structured.py (batch 1 and 64);
 #            needs xgrammar, from wheels in .whl (pip download xgrammar apache-tvm-ffi for the device's Python)
 #   tests    the GPU-marked tests and the model-coverage tests on CUDA
@@ -15,7 +17,7 @@
 set -u
 cd "$(dirname "$0")/.."
 BUDGET=${1:-520}
-STAGES=${2:-smoke,build,thru,decode,peer,kernels,struct,tests}
+STAGES=${2:-smoke,build,thru,decode,peer,kernels,quant,struct,tests}
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -79,6 +81,14 @@ if want peer; then
 fi
 if want kernels; then
     run kernels 90 python3 scripts/bench_kernels.py --markdown --json "$OUT/kernels.json"
+fi
+if want quant; then
+    run quant-tests 120 python3 -m pytest -q -p no:cacheprovider --timeout 100 -n 4 -m gpu \
+        tests/kernels/test_quant_matmul.py tests/kernels/test_fp8_matmul.py
+    peak=3.35  # TB/s, H100 SXM; an H200 reads 4.8
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && peak=4.8
+    run quant-bench 180 python3 scripts/bench_quant_matmul.py --peak-tbps "$peak" --markdown \
+        --json "$OUT/bench_quant_matmul.json"
 fi
 if want struct; then
     python3 -c "import xgrammar" 2>/dev/null || {

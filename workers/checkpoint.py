@@ -42,6 +42,10 @@ class CheckpointTensor:
         return part
 
     def full(self) -> torch.Tensor:
+        if not self.shape:  # a scalar (an FP8 per-tensor scale) has no dim to narrow
+            part = self._slice[()]
+            self.num_elements_read += 1
+            return part
         return self.narrow(0, 0, self.shape[0])
 
 
@@ -51,3 +55,12 @@ def iter_checkpoint_tensors(model_dir: str | Path) -> Iterator[tuple[str, Checkp
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in f.keys():
                 yield name, CheckpointTensor(name, f.get_slice(name))
+
+
+def checkpoint_tensor_names(model_dir: str | Path) -> list[str]:
+    """Every tensor name of the checkpoint, without reading any tensor."""
+    names: list[str] = []
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names.extend(f.keys())
+    return names

@@ -9,6 +9,10 @@ a step of b sequences is padded to the next captured size. Padding rows are one-
 Only the forward is captured: logits (for the rows that sample) and sampling stay eager, since their shapes vary.
 The attention kernel's launch shape may not depend on the step, so each graph is captured for the longest context
 the engine allows (the kernel skips the key ranges a shorter sequence does not have).
+
+The pool is bound to the attention layers before capture and never reallocated, so the graphs read it in place:
+for an fp8 / int8 pool that includes its scale pools (`PagedAttention.kv_scales`, written by the captured write_kv)
+and any static `k_scale` / `v_scale`, which must therefore be set before capture, as the weight loader does.
 """
 from __future__ import annotations
 

@@ -39,8 +39,9 @@ class ModelRunner:
         attention_layers = [m for m in model.modules() if isinstance(m, PagedAttention)]
         if len(attention_layers) != len(kv_pool.layers):
             raise RuntimeError(f"model has {len(attention_layers)} attention layers, pool has {len(kv_pool.layers)}")
-        for layer, cache in zip(attention_layers, kv_pool.layers):
+        for i, (layer, cache) in enumerate(zip(attention_layers, kv_pool.layers)):
             layer.kv_cache = cache
+            layer.kv_scales = kv_pool.scales[i] if kv_pool.scales is not None else None
         self.graphs: DecodeGraphs | None = None  # set by the worker once captured (CUDA, single GPU)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

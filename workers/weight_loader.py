@@ -10,9 +10,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rayinfer.workers.checkpoint import CheckpointTensor, iter_checkpoint_tensors
+from rayinfer.workers.checkpoint import CheckpointTensor, checkpoint_tensor_names, iter_checkpoint_tensors
+from rayinfer.workers.kv_scales import KV_SCALE_SUFFIXES, set_kv_scale
+from rayinfer.workers.layers.linear import deferred_linear_weights
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.models import model_class_for
+from rayinfer.workers.quantization.config import quant_scheme_for
+from rayinfer.workers.quantization.linear_plan import QuantizedLinears
 
 logger = logging.getLogger(__name__)
 
@@ -29,30 +33,49 @@ def _compiled(patterns: object) -> list[tuple[re.Pattern[str], str]]:
     return [(re.compile(pattern), replacement) for pattern, replacement in (patterns or ())]
 
 
-def load_weights(model: nn.Module, model_dir: str | Path) -> None:
-    """Fills every parameter from the checkpoint. A model class declares how HF names map onto its own:
-    `checkpoint_renames` (regex, replacement) pairs applied in order, then `packed_modules` for names that land in
-    a merged parameter; `ignored_checkpoint_tensors` (regexes) names tensors it does not use (e.g. fixed masks)."""
+class CheckpointNames:
+    """Maps a checkpoint tensor's name onto our parameter's. A model class declares how: `checkpoint_renames`
+    (regex, replacement) pairs applied in order, then `packed_modules` for names that land in a merged parameter;
+    `ignored_checkpoint_tensors` (regexes) names tensors it does not use (e.g. fixed masks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
+        self.renames = _compiled(getattr(model, "checkpoint_renames", ()))
+        self.ignored = [re.compile(pattern) for pattern in getattr(model, "ignored_checkpoint_tensors", ())]
+        self.tied = getattr(model, "spec", None) is not None and model.spec.tie_word_embeddings
+
+    def param_name(self, name: str) -> tuple[str, object] | None:
+        """(our parameter name, shard id within a merged parameter), or None for a tensor the model skips."""
+        if name.endswith(_SKIPPED_SUFFIXES) or any(p.search(name) for p in self.ignored):
+            return None
+        for pattern, replacement in self.renames:
+            name = pattern.sub(replacement, name)
+        if self.tied and name == "lm_head.weight":
+            return None
+        for source, (target, shard) in self.packed.items():
+            if f".{source}." in name:
+                return name.replace(f".{source}.", f".{target}."), shard
+        return name, None
+
+
+def load_weights(model: nn.Module, model_dir: str | Path, kv_cache_dtype: str = "auto") -> None:
+    """Fills every parameter from the checkpoint, each through its own `weight_loader` (which may cut a
+    tensor-parallel shard) or a plain copy; KV-cache scales the checkpoint ships go to an FP8 pool's attention."""
     params = dict(model.named_parameters())
-    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
-    renames = _compiled(getattr(model, "checkpoint_renames", ()))
-    ignored = [re.compile(pattern) for pattern in getattr(model, "ignored_checkpoint_tensors", ())]
-    tied = getattr(model, "spec", None) is not None and model.spec.tie_word_embeddings
+    modules = dict(model.named_modules())
+    device = next(model.parameters()).device
+    names = CheckpointNames(model)
     filled: set[str] = set()
     unexpected: list[str] = []
-    for name, tensor in iter_checkpoint_tensors(model_dir):
-        if name.endswith(_SKIPPED_SUFFIXES) or any(p.search(name) for p in ignored):
+    for checkpoint_name, tensor in iter_checkpoint_tensors(model_dir):
+        mapped = names.param_name(checkpoint_name)
+        if mapped is None:
             continue
-        for pattern, replacement in renames:
-            name = pattern.sub(replacement, name)
-        if tied and name == "lm_head.weight":
-            continue
-        shard_id = None
-        for source, (target, shard) in packed.items():
-            if f".{source}." in name:
-                name, shard_id = name.replace(f".{source}.", f".{target}."), shard
-                break
+        name, shard_id = mapped
         param = params.get(name)
+        if param is None and name.endswith(KV_SCALE_SUFFIXES):
+            if set_kv_scale(modules, name, tensor, kv_cache_dtype == "fp8", device):
+                continue
         if param is None:
             unexpected.append(name)
             continue
@@ -82,10 +105,27 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_model(spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, device: torch.device, max_len: int) -> nn.Module:
+def build_model(
+    spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, device: torch.device, max_len: int,
+    quantization: str | None = None, kv_cache_dtype: str = "auto",
+) -> nn.Module:
+    """The model with its weights; for a quantised checkpoint (or `quantization`, which must agree with it) its
+    quantised linears hold only their packed weights, never a float copy."""
     model_cls = model_class_for(spec)
+    scheme = quant_scheme_for(spec.raw, quantization)
     with _default_dtype(dtype), torch.device(device):
-        model = model_cls(spec, max_len)
-    load_weights(model, model_dir)
+        if scheme is None:
+            model = model_cls(spec, max_len)
+        else:
+            with deferred_linear_weights():
+                model = model_cls(spec, max_len)
+            names = CheckpointNames(model)
+            mapped = (names.param_name(name) for name in checkpoint_tensor_names(model_dir))
+            quantized = QuantizedLinears(model, scheme, {m[0] for m in mapped if m is not None})
+    load_weights(model, model_dir, kv_cache_dtype)
+    if scheme is not None:
+        quantized.finish()
+        logger.info("quantised linears hold %.1f MiB (%.1f MiB as %s)", quantized.held_bytes() / 2**20,
+                    quantized.unquantized_bytes(dtype) / 2**20, dtype)
     logger.info("loaded %s from %s (%s on %s)", spec.architecture, model_dir, dtype, device)
     return model.eval()

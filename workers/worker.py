@@ -17,7 +17,7 @@ from rayinfer.configs import EngineConfig
 from rayinfer.workers.step_output import StepOutput
 from rayinfer.workers.sampling_options import SamplingOptions
 from rayinfer.workers.step_plan import PENDING_TOKEN, NewSequence, SampleRequest, SequenceChunk, StepPlan
-from rayinfer.workers.kv_pool import KVPool, bytes_per_block, pool_bytes
+from rayinfer.workers.kv_pool import KVPool, bytes_per_block, kv_cache_storage_dtype, pool_bytes
 from rayinfer.workers.model_config import ModelSpec
 from rayinfer.workers.grammar import GrammarCompiler, GrammarError, GrammarSpec
 from rayinfer.workers.model_source import checkpoint_dir, tokenizer_dir
@@ -99,6 +99,7 @@ class Worker:
         self.world_size = world_size
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, spec, self.device)
+        self.kv_cache_dtype = kv_cache_storage_dtype(config.kv_cache_dtype, self.dtype)
         if self.device.type == "cpu" and claim_cpu_cores:
             use_cpu_cores(world_size)
         self.sequences = SequenceStates()
@@ -127,11 +128,16 @@ class Worker:
     def load_model(self) -> None:
         # Each worker resolves a Hub id itself, fetching into its own node's cache.
         folder = checkpoint_dir(self.config)
-        self.model = build_model(self.spec, folder, self.dtype, self.device, self.max_model_len)
+        self.model = build_model(
+            self.spec, folder, self.dtype, self.device, self.max_model_len, self.config.quantization,
+            self.config.kv_cache_dtype,
+        )
 
     def _block_bytes(self) -> int:
         kv_heads = max(1, self.spec.num_kv_heads // self.world_size)
-        return bytes_per_block(self.spec.num_layers, self.config.block_size, kv_heads, self.spec.head_dim, self.dtype)
+        return bytes_per_block(
+            self.spec.num_layers, self.config.block_size, kv_heads, self.spec.head_dim, self.kv_cache_dtype
+        )
 
     def num_available_blocks(self) -> int:
         block_bytes = self._block_bytes()
@@ -181,7 +187,8 @@ class Worker:
         also captures the decode CUDA graphs where they apply."""
         kv_heads = max(1, self.spec.num_kv_heads // self.world_size)
         pool = KVPool(
-            self.spec.num_layers, num_blocks, self.config.block_size, kv_heads, self.spec.head_dim, self.dtype, self.device
+            self.spec.num_layers, num_blocks, self.config.block_size, kv_heads, self.spec.head_dim, self.kv_cache_dtype,
+            self.device,
         )
         self.runner = ModelRunner(
             self.model, pool, self.spec.vocab_size, self.device, self.config.max_num_seqs, self.grammar_compiler

@@ -24,7 +24,13 @@ class AttentionMetadata:
 
 
 class PagedAttention(nn.Module):
-    """Writes this step's K/V into the layer's pool, then attends over it. `kv_cache` is bound by the runner."""
+    """Writes this step's K/V into the layer's pool, then attends over it. `kv_cache` (and, for an fp8 / int8
+    pool, `kv_scales`) are bound by the runner.
+
+    `k_scale` / `v_scale`: static scales for a quantised pool, float32 tensors of one element (the layer) or one
+    per KV head of this rank, on the model's device; a checkpoint that ships them sets them at load time (before
+    CUDA graphs are captured, which read them in place). None (the default): each row's scale is computed as it is
+    written. A pool in the model's dtype ignores them."""
 
     def __init__(
         self,
@@ -46,6 +52,10 @@ class PagedAttention(nn.Module):
         # ALiBi (Bloom): [num_heads] slopes of this rank's heads; scores get slope * (k_pos - q_pos) after scaling.
         self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Buffers, so that moving the model moves them; left out of state_dict, as most checkpoints have none.
+        self.register_buffer("k_scale", None, persistent=False)
+        self.register_buffer("v_scale", None, persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.kv_cache is None:
@@ -54,7 +64,8 @@ class PagedAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        k_scales, v_scales = self.kv_scales or (None, None)
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, k_scales, v_scales, self.k_scale, self.v_scale)
         out = kernels.paged_attention(
             q,
             k_cache,
@@ -68,5 +79,7 @@ class PagedAttention(nn.Module):
             alibi_slopes=self.alibi_slopes,
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
+            k_scales=k_scales,
+            v_scales=v_scales,
         )
         return out.reshape(-1, self.num_heads * self.head_dim)

@@ -28,6 +28,7 @@ def build_app(
     from rayinfer.workers.ray_executor import worker_bundles
 
     check_tool_call_parser(config.tool_call_parser)  # here, not in a replica that Serve would restart in a loop
+    _check_local_checkpoint(config)
     options = deployment_options or {}
     unknown = set(options) - {LLMServer.name}
     if unknown:  # `EngineDeployment` and `Ingress` were merged into `LLMServer`
@@ -41,6 +42,23 @@ def build_app(
         **options.get(LLMServer.name, {}),
     }
     return LLMServer.options(**server_options).bind(config, served_model_name or config.model)
+
+
+def _check_local_checkpoint(config: Any) -> None:
+    """What a local checkpoint folder's config.json decides, checked before Serve starts a replica (whose failure
+    the deploy would report only as "Failed to update the deployments"): its quantisation format, and whether it
+    splits across the tensor-parallel ranks and pipeline stages asked for. A Hub id is checked by the replica."""
+    from pathlib import Path
+
+    from rayinfer.workers.model_config import check_pipeline_parallel, check_tensor_parallel, load_model_spec
+    from rayinfer.workers.quantization.config import quant_scheme_for
+
+    if not (Path(config.model) / "config.json").is_file():
+        return
+    spec = load_model_spec(config.model)
+    quant_scheme_for(spec.raw, config.quantization)
+    check_tensor_parallel(spec, config.tensor_parallel_size)
+    check_pipeline_parallel(spec, config.pipeline_parallel_size, config.pipeline_layer_partition)
 
 
 def app_builder(args: dict[str, Any]) -> Any:

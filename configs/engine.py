@@ -58,14 +58,21 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = False
     seed: int = 0
     tensor_parallel_size: int = 1
+    # Pipeline stages, each a contiguous range of decoder layers on its own tensor-parallel group of workers
+    # (tensor_parallel_size each); the layers split as evenly as they go unless pipeline_layer_partition says.
+    pipeline_parallel_size: int = 1
+    pipeline_layer_partition: list[int] | None = Field(
+        None, description="decoder layers per pipeline stage, e.g. 21,19 (default: as even as they go)")
     distributed_executor_backend: Literal["uni", "ray"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Decode-only steps replay CUDA graphs of the forward (one launch instead of ~10 per layer) on a single-GPU
     # worker; True keeps every step eager, as vLLM's flag of the same name does.
     enforce_eager: bool = False
     max_logprobs: int = 20
-    # How the Ray executor places its workers: all on one node (STRICT_PACK) or across nodes when needed (PACK).
-    placement_strategy: Literal["STRICT_PACK", "PACK"] = "STRICT_PACK"
+    # How the Ray executor places its workers (Ray's placement-group strategies): all on one node (STRICT_PACK),
+    # across nodes when needed (PACK), over as many nodes as possible (SPREAD), or each on a node of its own
+    # (STRICT_SPREAD).
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
     # How many times the Ray executor replaces a dead worker group before failing the engine's requests.
     max_worker_restarts: int = 3
     # Worker-group replacements allowed in any minute; past it the engine reports itself failed (Serve then replaces
@@ -132,7 +139,8 @@ class EngineConfig(BaseModel):
         return name
 
     @field_validator(
-        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "max_stop_strings",
+        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "pipeline_parallel_size",
+        "max_stop_strings",
         "max_stop_string_length", "max_prompts_per_request", "max_request_body_bytes", "max_json_depth",
         "max_worker_restarts_per_minute",
     )
@@ -193,19 +201,36 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _backend_fits_parallelism(self) -> EngineConfig:
-        if self.tensor_parallel_size > 1 and self.distributed_executor_backend == "uni":
-            raise ValueError(
-                f"distributed_executor_backend 'uni' runs one process and cannot serve "
-                f"tensor_parallel_size={self.tensor_parallel_size}; use 'ray' or leave it unset"
-            )
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) > 1 and self.distributed_executor_backend == "uni":
+                raise ValueError(
+                    f"distributed_executor_backend 'uni' runs one process and cannot serve "
+                    f"{name}={getattr(self, name)}; use 'ray' or leave it unset"
+                )
+        partition = self.pipeline_layer_partition
+        if partition is not None and len(partition) != self.pipeline_parallel_size:
+            raise ValueError(f"pipeline_layer_partition {partition} must give one layer count per pipeline stage "
+                             f"(pipeline_parallel_size={self.pipeline_parallel_size})")
         return self
+
+    @field_validator("pipeline_layer_partition", mode="before")
+    @classmethod
+    def _layer_counts(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the CLI's "21,19"
+            try:
+                value = [int(part) for part in value.split(",")]
+            except ValueError:
+                raise ValueError(f"pipeline_layer_partition must be layer counts like 21,19 (got {value!r})") from None
+        if isinstance(value, list) and any(not isinstance(n, int) or n < 1 for n in value):
+            raise ValueError(f"pipeline_layer_partition needs at least one layer per stage (got {value})")
+        return value
 
     @property
     def executor_backend(self) -> Literal["uni", "ray"]:
         """The backend to run: the one asked for, else Ray only when tensor parallelism needs it."""
         if self.distributed_executor_backend is not None:
             return self.distributed_executor_backend
-        return "ray" if self.tensor_parallel_size > 1 else "uni"
+        return "ray" if self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1 else "uni"
 
     def resolved_limits(self, model_max_len: int) -> tuple[int, int]:
         """(max_model_len, max_num_batched_tokens) once the checkpoint's context length is known."""

@@ -9,6 +9,7 @@ import itertools
 import logging
 import random
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,12 @@ class Engine:
         from transformers import AutoTokenizer
 
         from rayinfer.configs import resolved_limits
-        from rayinfer.workers.model_config import check_tensor_parallel, load_model_spec, stop_token_ids
+        from rayinfer.workers.model_config import (
+            check_pipeline_parallel,
+            check_tensor_parallel,
+            load_model_spec,
+            stop_token_ids,
+        )
         from rayinfer.workers.model_source import checkpoint_dir, tokenizer_dir
         from rayinfer.workers.quantization.config import quant_scheme_for
 
@@ -62,6 +68,7 @@ class Engine:
         self.engine_id = engine_id or uuid.uuid4().hex[:8]  # names this engine's Ray actors and placement group
         self.model_spec = load_model_spec(checkpoint_dir(config))  # config.model may be a Hub id: fetched here
         check_tensor_parallel(self.model_spec, config.tensor_parallel_size)
+        check_pipeline_parallel(self.model_spec, config.pipeline_parallel_size, config.pipeline_layer_partition)
         quant_scheme_for(self.model_spec.raw, config.quantization)  # a format this engine cannot read fails here
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir(config)))
         self.max_model_len, self.max_num_batched_tokens = resolved_limits(config, self.model_spec.max_model_len_limit)
@@ -104,7 +111,8 @@ class Engine:
         )
         self.plans = PlanBuilder()  # mirrors what the workers hold
         self.num_aborted_requests = 0
-        self._in_flight: tuple[SchedulerOutput, object] | None = None
+        # Steps sent and not yet answered, oldest first: at most `executor.max_steps_in_flight` of them.
+        self._in_flight: deque[tuple[SchedulerOutput, object]] = deque()
         self._seed_rng = random.Random(config.seed)
         self._arrivals = itertools.count()
         self._seq_ids = itertools.count()
@@ -189,12 +197,12 @@ class Engine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self._release(seq)
-        if self._in_flight is None and not self.scheduler.has_work() and self.plans.has_forgotten:
+        if not self._in_flight and not self.scheduler.has_work() and self.plans.has_forgotten:
             self._flush_forgotten()
         return request_delta(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or self._in_flight is not None
+        return bool(self.requests) or bool(self._in_flight)
 
     @property
     def num_free_blocks(self) -> int:
@@ -204,32 +212,33 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Completes one forward over everything scheduled; returns outputs of the requests that advanced.
 
-        With an executor that takes several steps in flight, the next step is planned and sent before this
-        one's tokens are awaited (a token still being drawn enters it as PENDING_TOKEN, which the workers fill
-        in), so the engine's bookkeeping overlaps the workers' compute.
+        With an executor that takes several steps in flight, the next steps are planned and sent before this
+        one's tokens are awaited, so the engine's bookkeeping overlaps the workers' compute: for tensor-parallel
+        GPU workers the next step carries a token still being drawn as PENDING_TOKEN, which the workers fill in;
+        for pipeline stages each step in flight is a micro-batch of other sequences (`Scheduler.schedule`).
         """
-        if self._in_flight is None:
-            self._in_flight = self._launch()
-            if self._in_flight is None:
-                return []
-        following = self._launch() if self.executor.pipelined else None
-        plan, handle = self._in_flight
+        while len(self._in_flight) < self.executor.max_steps_in_flight:
+            launched = self._launch()
+            if launched is None:
+                break
+            self._in_flight.append(launched)
+        if not self._in_flight:
+            return []
+        plan, handle = self._in_flight.popleft()
         try:
             result = self.executor.result(handle)
         except WorkerGroupFailure as exc:
-            self._in_flight = None  # a step launched after a lost one is lost with it
+            self._in_flight.clear()  # a step launched after a lost one is lost with it
             return self._recover(exc, plan)
-        self._in_flight = following
         outputs = self._process_tokens(plan, result)
-        if following is not None and all(s.seq.is_finished for s in following[0].scheduled):
-            self._discard_in_flight()  # everything it computes has ended: wait for it now, not next step
-        if self._in_flight is None and not self.scheduler.has_work() and self.plans.has_forgotten:
+        while self._in_flight and all(s.seq.is_finished for s in self._in_flight[0][0].scheduled):
+            self._discard_oldest()  # everything it computes has ended: wait for it now, not next step
+        if not self._in_flight and not self.scheduler.has_work() and self.plans.has_forgotten:
             self._flush_forgotten()
         return outputs
 
-    def _discard_in_flight(self) -> None:
-        _, handle = self._in_flight
-        self._in_flight = None
+    def _discard_oldest(self) -> None:
+        _, handle = self._in_flight.popleft()
         try:
             self.executor.result(handle)
         except WorkerGroupFailure as exc:  # nothing depended on it; the next step meets the failure again
@@ -237,9 +246,9 @@ class Engine:
 
     def _launch(self) -> tuple[SchedulerOutput, object] | None:
         """Schedules a step, sends it to the executor, and books its effects; None when nothing can run."""
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self.executor.micro_batches)
         if plan.is_empty:
-            if self.scheduler.has_work() and self._in_flight is None:
+            if self.scheduler.has_work() and not self._in_flight:
                 raise RuntimeError("scheduler made no progress with requests pending; this is a bug")
             return None
         copies, self.block_manager.copies = self.block_manager.copies, []

@@ -69,7 +69,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, micro_batches: int = 1) -> SchedulerOutput:
+        """The next step. With `micro_batches` > 1 (pipeline stages kept busy by as many steps in flight), a
+        sequence whose drawn token is still in flight sits this step out, and each step decodes at most its share
+        of the decoding sequences, so the steps in flight hold disjoint, even halves (or thirds, ...)."""
         out = SchedulerOutput()
         budget = self.limits.max_num_batched_tokens
         for seq in list(self.running):
@@ -77,6 +80,10 @@ class Scheduler:
                 self._fork(seq)
         decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
         prefilling = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        if micro_batches > 1:
+            share = -(-len(decoding) // micro_batches)
+            decoding = [s for s in decoding if not s.num_pending_tokens][:share]
+            prefilling = [s for s in prefilling if not s.num_pending_tokens]
         for seq in decoding + prefilling:
             if budget == 0:
                 break

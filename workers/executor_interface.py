@@ -18,6 +18,15 @@ class Executor(ABC):
     num_blocks: int
     # True when steps may be submitted before earlier ones finish (the workers run them in order).
     pipelined: bool = False
+    # Pipeline stages keep this many steps in flight, each over sequences of its own (micro-batches); 1: none.
+    micro_batches: int = 1
+
+    @property
+    def max_steps_in_flight(self) -> int:
+        """How many steps the engine keeps sent ahead of their results."""
+        if self.micro_batches > 1:
+            return self.micro_batches
+        return 2 if self.pipelined else 1
 
     @abstractmethod
     def execute(self, plan: StepPlan) -> StepOutput | list[int]:

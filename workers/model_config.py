@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from rayinfer.workers.hf_config import normalize_config
+from rayinfer.workers.parallel_state import pipeline_layer_ranges
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -213,6 +214,26 @@ def check_tensor_parallel(spec: ModelSpec, tp_size: int) -> None:
         raise ValueError(
             f"tensor_parallel_size {tp_size} cannot split this model: {', '.join(problems)} "
             f"not divisible by {tp_size}"
+        )
+
+
+# The architectures whose classes build one pipeline stage (the Llama-based ones: `supports_pipeline_parallel` on
+# their class; tests check the two agree). Kept here as names so the engine can check without importing models.
+PIPELINE_PARALLEL_ARCHITECTURES = (
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GraniteForCausalLM",
+    "Olmo2ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
+    "Phi3ForCausalLM", "Starcoder2ForCausalLM", "OlmoForCausalLM", "StableLmForCausalLM", "CohereForCausalLM",
+)
+
+
+def check_pipeline_parallel(spec: ModelSpec, pp_size: int, partition: list[int] | None = None) -> None:
+    """Fails early when the model cannot be cut into `pp_size` stages (as `partition` says, if given): an
+    architecture without stage support, or a split that does not fit its layers."""
+    pipeline_layer_ranges(spec.num_layers, pp_size, partition)
+    if pp_size > 1 and spec.architecture not in PIPELINE_PARALLEL_ARCHITECTURES:
+        raise ValueError(
+            f"pipeline_parallel_size {pp_size}: {spec.architecture} cannot be split into pipeline stages in this "
+            f"engine (supported: {', '.join(PIPELINE_PARALLEL_ARCHITECTURES)}); use pipeline_parallel_size 1"
         )
 
 

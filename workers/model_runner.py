@@ -14,6 +14,7 @@ from rayinfer.workers.grammar_matchers import GrammarMatchers
 from rayinfer.workers.kv_pool import KVPool
 from rayinfer.workers.layers.attention import AttentionMetadata, PagedAttention
 from rayinfer.workers.logprobs import top_logprobs
+from rayinfer.workers.models.pipeline import IntermediateState
 from rayinfer.workers.sampler import Sampler, SamplingTensors, row_of
 from rayinfer.workers.sampling_batch import SamplingBatch
 
@@ -120,15 +121,24 @@ class ModelRunner:
         return rows, scored, spans
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, sequences: dict, with_logprobs: bool = True) -> StepOutput:
+    def execute(
+        self, plan: StepPlan, sequences: dict, with_logprobs: bool = True, intermediate: IntermediateState | None = None
+    ) -> StepOutput | IntermediateState:
         """Forward over the step; logits for the chunks that sample (and for prompt rows whose logprobs were
-        asked); the tokens drawn, with logprobs when `with_logprobs` (the rank that reports them)."""
+        asked); the tokens drawn, with logprobs when `with_logprobs` (the rank that reports them).
+
+        Under pipeline parallelism a stage after the first takes the previous stage's `intermediate`, and a stage
+        before the last returns its own `IntermediateState` for the next (it draws nothing)."""
         input_ids, meta, sample_rows, pool_rows = self.prepare(plan, sequences)
         graphs = self.graphs
         if graphs is not None and meta.max_query_len == 1 and input_ids.shape[0] <= graphs.max_batch:
             hidden = graphs.run(input_ids, meta)
-        else:
+        elif intermediate is None:
             hidden = self.model(input_ids, meta)
+        else:
+            hidden = self.model(input_ids, meta, intermediate)
+        if isinstance(hidden, IntermediateState):
+            return hidden
         prompt_rows: list[int] = []
         prompt_scored: list[int] = []
         spans: list[tuple[int, int, int, int]] = []

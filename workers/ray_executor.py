@@ -24,7 +24,8 @@ from rayinfer.workers.step_channel import StepChannel, StepServer
 from rayinfer.workers.step_output import StepOutput
 from rayinfer.workers.step_plan import StepPlan
 from rayinfer.workers.model_config import ModelSpec
-from rayinfer.workers.worker import Worker
+from rayinfer.workers.parallel_state import PipelineStage, pipeline_stage_for
+from rayinfer.workers.worker import Worker, pick_rendezvous_address
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,29 @@ COMPILED_GRAPH_ENV = "RAYINFER_RAY_COMPILED_GRAPH"
 PIPELINE_ENV = "RAYINFER_PIPELINE_STEPS"
 
 
+# What each placement strategy asks of the cluster, for the error raised when it cannot be met.
+PLACEMENT_NEEDS = {
+    "STRICT_PACK": "all on one node",
+    "PACK": "on as few nodes as possible",
+    "SPREAD": "on as many nodes as possible",
+    "STRICT_SPREAD": "each on a node of its own",
+}
+
+
 def worker_bundles(config: EngineConfig) -> list[dict[str, float]]:
-    """One bundle per rank: a GPU where the engine runs on CUDA, a CPU slot otherwise."""
+    """A GPU where the engine runs on CUDA, a CPU slot otherwise, per rank: one bundle per rank, or with pipeline
+    stages one bundle per stage holding its tensor-parallel group, so that a stage never spans nodes while the
+    placement strategy spreads the stages (TP inside a node, PP across nodes)."""
     wants_gpu = config.device == "cuda" or (config.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    return [{"GPU": 1.0} if wants_gpu else {"CPU": 1.0} for _ in range(config.tensor_parallel_size)]
+    unit = "GPU" if wants_gpu else "CPU"
+    if config.pipeline_parallel_size > 1:
+        return [{unit: float(config.tensor_parallel_size)} for _ in range(config.pipeline_parallel_size)]
+    return [{unit: 1.0} for _ in range(config.tensor_parallel_size)]
+
+
+def bundle_of_rank(config: EngineConfig, rank: int) -> int:
+    """The bundle (of `worker_bundles`) that global rank `rank` is placed in."""
+    return rank // config.tensor_parallel_size if config.pipeline_parallel_size > 1 else rank
 
 
 @dataclass
@@ -66,6 +86,15 @@ class WorkerActor(Worker):
     """A rank run as a Ray actor: a `Worker` that can also take its steps over a `StepChannel`, and compile
     grammars on a thread of their own while its steps run (the "grammar" concurrency group)."""
 
+    def rendezvous_address(self) -> tuple[str, int]:
+        """The address Ray knows this node by (the one other nodes reach it at), not what the host name resolves
+        to, which is often a loopback address."""
+        return ray.util.get_node_ip_address(), pick_rendezvous_address()[1]
+
+    def node_id(self) -> str:
+        """The Ray node this rank runs on (placement checks)."""
+        return ray.get_runtime_context().get_node_id()
+
     @ray.method(concurrency_group="grammar")
     def prepare_grammar(self, spec: GrammarSpec) -> tuple[str, str] | None:
         return super().prepare_grammar(spec)
@@ -77,7 +106,7 @@ class WorkerActor(Worker):
 
     def serve_steps(self) -> None:
         """Runs the engine's steps (and calls) until it closes the channel, on the actor's main thread."""
-        self._step_server.serve(self.execute, lambda method, args: getattr(self, method)(*args))
+        self._step_server.serve(self.run_step, lambda method, args: getattr(self, method)(*args))
 
 
 class RayExecutor(Executor):
@@ -93,6 +122,9 @@ class RayExecutor(Executor):
         self.engine_id = engine_id
         self.bundles = worker_bundles(config)
         self.pipelined = self._on_for_gpu_workers(PIPELINE_ENV)  # workers run steps in the order sent
+        self.micro_batches = config.pipeline_parallel_size  # one step in flight per stage keeps every stage busy
+        self.world_size = config.tensor_parallel_size * config.pipeline_parallel_size
+        self.output_rank = self.world_size - config.tensor_parallel_size  # the last stage's first rank samples
         self.placement_group, self._owns_placement_group = self._placement_group()
         self.generation = 0
         self.workers: list[ray.actor.ActorHandle] = []
@@ -105,33 +137,35 @@ class RayExecutor(Executor):
         current = get_current_placement_group()
         if current is not None:
             return current, False
-        group = placement_group(self.bundles, strategy=self.config.placement_strategy, name=f"rayinfer-{self.engine_id}")
+        strategy = self.config.placement_strategy
+        group = placement_group(self.bundles, strategy=strategy, name=f"rayinfer-{self.engine_id}")
         try:
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except GetTimeoutError:
             remove_placement_group(group)
             raise ValueError(
                 f"tensor_parallel_size: the cluster cannot place {len(self.bundles)} workers of {self.bundles[0]} "
-                f"({self.config.placement_strategy}) within {PLACEMENT_TIMEOUT_S:.0f}s"
+                f"{PLACEMENT_NEEDS[strategy]} (placement_strategy {strategy}) within {PLACEMENT_TIMEOUT_S:.0f}s"
             ) from None
         return group, True
 
     def _start_workers(self, required_blocks: int | None) -> int:
-        world = self.config.tensor_parallel_size
+        world = self.world_size
         remote_worker = ray.remote(concurrency_groups={"grammar": 1})(WorkerActor)
         self.generation += 1
         self.workers = []
-        for rank, bundle in enumerate(self.bundles):
-            strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank)
+        for rank in range(world):
+            index = bundle_of_rank(self.config, rank)
+            strategy = PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=index)
             self.workers.append(
                 remote_worker.options(
                     name=f"rayinfer-{self.engine_id}-worker-{rank}-gen{self.generation}",
-                    num_cpus=bundle.get("CPU", 0),
-                    num_gpus=bundle.get("GPU", 0),
+                    num_cpus=1 if "CPU" in self.bundles[index] else 0,
+                    num_gpus=1 if "GPU" in self.bundles[index] else 0,
                     scheduling_strategy=strategy,
                 ).remote(
                     self.config, self.spec, self.max_model_len, self.max_num_batched_tokens, rank, world,
-                    claim_cpu_cores=True,
+                    claim_cpu_cores=True, stage=self._stage_of(rank),
                 )
             )
         try:
@@ -154,12 +188,16 @@ class RayExecutor(Executor):
         logger.info("engine %s: %d workers up (generation %d), %d KV blocks", self.engine_id, world, self.generation, num_blocks)
         return num_blocks
 
+    def _stage_of(self, rank: int) -> PipelineStage:
+        tp, pp = self.config.tensor_parallel_size, self.config.pipeline_parallel_size
+        return pipeline_stage_for(rank // tp, pp, self.spec.num_layers, self.config.pipeline_layer_partition)
+
     def _open_channel(self) -> None:
         key = secrets.token_bytes(32)
         addresses = ray.get([w.listen_for_steps.remote(key) for w in self.workers], timeout=SETUP_TIMEOUT_S)
         for worker in self.workers:
             worker.serve_steps.remote()  # returns when the channel closes; nothing to read from it
-        self._channel = StepChannel(addresses, key, timeout_s=self.config.step_timeout_s)
+        self._channel = StepChannel(addresses, key, timeout_s=self.config.step_timeout_s, output_rank=self.output_rank)
 
     def _on_for_gpu_workers(self, env_var: str) -> bool:
         """A choice that is on for GPU workers and off for CPU ones unless `env_var` is 1 or 0."""
@@ -173,7 +211,7 @@ class RayExecutor(Executor):
 
         try:
             with InputNode() as plan:
-                graph = MultiOutputNode([w.execute.bind(plan) for w in self.workers])
+                graph = MultiOutputNode([w.run_step.bind(plan) for w in self.workers])
             return graph.experimental_compile()
         except Exception as exc:  # an environment without compiled-graph support still works, just slower
             logger.warning("Ray compiled graph unavailable (%s); steps use plain actor calls", exc)
@@ -202,7 +240,8 @@ class RayExecutor(Executor):
             raise handle
         try:
             if isinstance(handle, _GraphStep):
-                return ray.get(handle.refs, timeout=self.config.step_timeout_s)[0]  # every rank's output is read
+                outputs = ray.get(handle.refs, timeout=self.config.step_timeout_s)  # every rank's output is read
+                return outputs[self.output_rank]
             return self._live_channel().receive(handle.number)  # type: ignore[attr-defined, return-value]
         except RayActorError as exc:
             raise WorkerGroupFailure(f"a worker of engine {self.engine_id} died: {exc}") from exc

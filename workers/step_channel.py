@@ -94,8 +94,11 @@ class StepServer:
 class StepChannel:
     """Engine side: sends each plan to every rank and reads their replies in the order the plans were sent."""
 
-    def __init__(self, addresses: list[Address], authkey: bytes, timeout_s: float | None = None) -> None:
+    def __init__(
+        self, addresses: list[Address], authkey: bytes, timeout_s: float | None = None, output_rank: int = 0
+    ) -> None:
         self._timeout_s = timeout_s  # how long a step may take before its workers count as lost
+        self._output_rank = output_rank  # the rank whose reply is the step's output (the last pipeline stage's)
         self._conns: list[Connection] = []
         for address in addresses:
             try:
@@ -120,9 +123,9 @@ class StepChannel:
         return self._sent
 
     def receive(self, number: int) -> object:
-        """Rank 0's reply to message `number`, which must be the oldest not yet received. Replies are awaited from
-        all ranks at once, so a rank that died is noticed even while the others block in a collective."""
-        return self._receive_all(number)[0]
+        """The output rank's reply to message `number`, which must be the oldest not yet received. Replies are
+        awaited from all ranks at once, so a rank that died is noticed even while the others block in a collective."""
+        return self._receive_all(number)[self._output_rank]
 
     def call(self, method: str, *args: object) -> list[object]:
         """Every rank's result of `Worker.method(*args)`, run between steps (diagnostics and tests)."""

@@ -14,7 +14,9 @@ from rayinfer.workers.checkpoint import CheckpointTensor, checkpoint_tensor_name
 from rayinfer.workers.kv_scales import KV_SCALE_SUFFIXES, set_kv_scale
 from rayinfer.workers.layers.linear import deferred_linear_weights
 from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.parallel_state import pipeline_stage
 from rayinfer.workers.models import model_class_for
+from rayinfer.workers.models.pipeline import MissingLayer
 from rayinfer.workers.quantization.config import quant_scheme_for
 from rayinfer.workers.quantization.linear_plan import QuantizedLinears
 
@@ -36,13 +38,17 @@ def _compiled(patterns: object) -> list[tuple[re.Pattern[str], str]]:
 class CheckpointNames:
     """Maps a checkpoint tensor's name onto our parameter's. A model class declares how: `checkpoint_renames`
     (regex, replacement) pairs applied in order, then `packed_modules` for names that land in a merged parameter;
-    `ignored_checkpoint_tensors` (regexes) names tensors it does not use (e.g. fixed masks)."""
+    `ignored_checkpoint_tensors` (regexes) names tensors it does not use (e.g. fixed masks). A model built for one
+    pipeline stage skips the tensors of the modules other stages hold (its `MissingLayer`s), and its
+    `lm_head_source` names the tensor its LM head loads when tied embeddings left it without the embedding."""
 
     def __init__(self, model: nn.Module) -> None:
         self.packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
         self.renames = _compiled(getattr(model, "checkpoint_renames", ()))
         self.ignored = [re.compile(pattern) for pattern in getattr(model, "ignored_checkpoint_tensors", ())]
         self.tied = getattr(model, "spec", None) is not None and model.spec.tie_word_embeddings
+        self.head_source: str | None = getattr(model, "lm_head_source", None)
+        self.elsewhere = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, MissingLayer))
 
     def param_name(self, name: str) -> tuple[str, object] | None:
         """(our parameter name, shard id within a merged parameter), or None for a tensor the model skips."""
@@ -51,6 +57,10 @@ class CheckpointNames:
         for pattern, replacement in self.renames:
             name = pattern.sub(replacement, name)
         if self.tied and name == "lm_head.weight":
+            return None
+        if name == self.head_source:
+            name = "lm_head.weight"
+        if name.startswith(self.elsewhere):  # another pipeline stage loads it
             return None
         for source, (target, shard) in self.packed.items():
             if f".{source}." in name:
@@ -109,9 +119,16 @@ def build_model(
     spec: ModelSpec, model_dir: str | Path, dtype: torch.dtype, device: torch.device, max_len: int,
     quantization: str | None = None, kv_cache_dtype: str = "auto",
 ) -> nn.Module:
-    """The model with its weights; for a quantised checkpoint (or `quantization`, which must agree with it) its
-    quantised linears hold only their packed weights, never a float copy."""
+    """The model with its weights, built for this process's pipeline stage (`set_pipeline_stage`); for a quantised
+    checkpoint (or `quantization`, which must agree with it) its quantised linears hold only their packed weights,
+    never a float copy."""
     model_cls = model_class_for(spec)
+    stage = pipeline_stage(spec.num_layers)
+    if stage.count > 1 and not getattr(model_cls, "supports_pipeline_parallel", False):
+        raise ValueError(
+            f"pipeline_parallel_size {stage.count}: {spec.architecture} cannot be split into pipeline stages; "
+            "use pipeline_parallel_size 1"
+        )
     scheme = quant_scheme_for(spec.raw, quantization)
     with _default_dtype(dtype), torch.device(device):
         if scheme is None:

@@ -23,7 +23,9 @@ from rayinfer.workers.grammar import GrammarCompiler, GrammarError, GrammarSpec
 from rayinfer.workers.model_source import checkpoint_dir, tokenizer_dir
 from rayinfer.workers.cuda_graphs import DecodeGraphs
 from rayinfer.workers.model_runner import ModelRunner
-from rayinfer.workers.parallel_state import set_tensor_parallel_group
+from rayinfer.workers.models.pipeline import IntermediateState
+from rayinfer.workers.parallel_state import PipelineStage, set_pipeline_stage, set_tensor_parallel_group
+from rayinfer.workers.stage_link import StageLink
 from rayinfer.workers.device import resolve_device, resolve_dtype, use_cpu_cores
 from rayinfer.workers.weight_loader import build_model
 
@@ -88,15 +90,21 @@ class Worker:
         rank: int = 0,
         world_size: int = 1,
         claim_cpu_cores: bool = False,
+        stage: PipelineStage | None = None,
     ) -> None:
         """`claim_cpu_cores`: a worker actor of a CPU engine takes its share of the cores as torch threads (Ray
-        starts it with one); an in-process worker keeps whatever its host process set."""
+        starts it with one); an in-process worker keeps whatever its host process set. `stage`: the pipeline
+        stage this worker holds (`pipeline_stage_for`); None: the whole model."""
         self.config = config
         self.spec = spec
+        self.stage = stage if stage is not None else PipelineStage(0, 1, 0, spec.num_layers)
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.rank = rank
+        self.rank = rank  # global: stage index * tensor_parallel_size + the rank within the stage
         self.world_size = world_size
+        self.tp_size = config.tensor_parallel_size if self.stage.count > 1 else world_size
+        self.tp_rank = rank % self.tp_size
+        self.stage_link: StageLink | None = None
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, spec, self.device)
         self.kv_cache_dtype = kv_cache_storage_dtype(config.kv_cache_dtype, self.dtype)
@@ -123,20 +131,35 @@ class Worker:
             dist.init_process_group(
                 backend, init_method=f"tcp://{host}:{port}", rank=self.rank, world_size=self.world_size
             )
-        set_tensor_parallel_group(self.rank, self.world_size)
+        group = None
+        if self.stage.count > 1 and self.world_size > 1:  # (a test may chain in-process stages by hand)
+            # Every rank makes every stage's group, in the same order (torch.distributed's rule), and keeps its own.
+            for index in range(self.stage.count):
+                ranks = list(range(index * self.tp_size, (index + 1) * self.tp_size))
+                made = dist.new_group(ranks)
+                group = made if index == self.stage.index else group
+            self.stage_link = StageLink(self.stage, self.rank, self.tp_size, self.spec.hidden_size, self.dtype,
+                                        self.device)
+        set_tensor_parallel_group(self.tp_rank, self.tp_size, group)
 
     def load_model(self) -> None:
         # Each worker resolves a Hub id itself, fetching into its own node's cache.
         folder = checkpoint_dir(self.config)
-        self.model = build_model(
-            self.spec, folder, self.dtype, self.device, self.max_model_len, self.config.quantization,
-            self.config.kv_cache_dtype,
-        )
+        set_pipeline_stage(self.stage)  # the model reads it as it is built; unset after, as this worker keeps it
+        try:
+            self.model = build_model(
+                self.spec, folder, self.dtype, self.device, self.max_model_len, self.config.quantization,
+                self.config.kv_cache_dtype,
+            )
+        finally:
+            set_pipeline_stage(None)
 
     def _block_bytes(self) -> int:
-        kv_heads = max(1, self.spec.num_kv_heads // self.world_size)
+        """Bytes of one block over this stage's layers: a stage's pool holds K/V for its own layers only, so
+        the same memory holds more blocks the fewer layers it has (the engine uses the least over all workers)."""
+        kv_heads = max(1, self.spec.num_kv_heads // self.tp_size)
         return bytes_per_block(
-            self.spec.num_layers, self.config.block_size, kv_heads, self.spec.head_dim, self.kv_cache_dtype
+            self.stage.num_layers, self.config.block_size, kv_heads, self.spec.head_dim, self.kv_cache_dtype
         )
 
     def num_available_blocks(self) -> int:
@@ -168,6 +191,9 @@ class Worker:
         lengths = [per_seq] * (tokens // per_seq) + ([tokens % per_seq] if tokens % per_seq else [])
         blocks_per_seq = [-(-n // self.config.block_size) for n in lengths]
         self.init_cache(sum(blocks_per_seq))
+        intermediate = None
+        if not self.stage.is_first:  # what the previous stage would send: only its shape matters here
+            intermediate = IntermediateState.zeros(tokens, self.spec.hidden_size, self.dtype, self.device)
         plan, next_block = StepPlan(chunks=[]), 0
         for seq_id, (length, num_blocks) in enumerate(zip(lengths, blocks_per_seq)):
             # A sampled (temperature 1) row, as SamplingParams' defaults ask, so the draw's memory is counted too.
@@ -178,17 +204,17 @@ class Worker:
             blocks = list(range(next_block, next_block + num_blocks))
             plan.chunks.append(SequenceChunk(seq_id, [0] * length, 0, blocks, reset_blocks=True, sample=True))
             next_block += num_blocks
-        self.execute(plan)
+        self.execute(plan, intermediate)
         self.execute(StepPlan(chunks=[], finished_seq_ids=list(range(len(lengths)))))
         return next_block
 
     def init_cache(self, num_blocks: int, capture_graphs: bool = False) -> None:
         """Builds the KV pool and the runner; `capture_graphs` (the serving pool, not a profiling scratch one)
         also captures the decode CUDA graphs where they apply."""
-        kv_heads = max(1, self.spec.num_kv_heads // self.world_size)
+        kv_heads = max(1, self.spec.num_kv_heads // self.tp_size)
         pool = KVPool(
-            self.spec.num_layers, num_blocks, self.config.block_size, kv_heads, self.spec.head_dim, self.kv_cache_dtype,
-            self.device,
+            self.stage.num_layers, num_blocks, self.config.block_size, kv_heads, self.spec.head_dim,
+            self.kv_cache_dtype, self.device,
         )
         self.runner = ModelRunner(
             self.model, pool, self.spec.vocab_size, self.device, self.config.max_num_seqs, self.grammar_compiler
@@ -197,11 +223,13 @@ class Worker:
             self._capture_decode_graphs()
 
     def _uses_cuda_graphs(self) -> bool:
-        # Tensor parallelism would put its all-reduces inside the graph (NCCL capture): not done yet.
+        # Tensor parallelism would put its all-reduces inside the graph (NCCL capture): not done yet. Pipeline
+        # stages run eagerly too for now (a graph would need a static intermediate-state input).
         return (
             self.device.type == "cuda"
             and not self.config.enforce_eager
             and self.world_size == 1
+            and self.stage.count == 1
             and not getattr(self.model, "uses_dynamic_rope", False)  # its tables depend on the step's lengths
         )
 
@@ -246,22 +274,48 @@ class Worker:
         return None
 
     # ------------------------------------------------------------ steps
-    def execute(self, plan: StepPlan) -> StepOutput | None:
+    def execute(
+        self, plan: StepPlan, intermediate: IntermediateState | None = None
+    ) -> StepOutput | IntermediateState | None:
         """Applies the plan's changes, runs the step; rank 0 returns the drawn tokens (and the logprobs asked
-        for), other ranks None."""
+        for), other ranks None.
+
+        Pipeline stages: a stage after the first takes the previous stage's `intermediate`; a stage before the
+        last returns its `IntermediateState` on every rank (None for a plan without chunks) and draws nothing, so
+        it learns the tokens the last stage drew through `record_samples` before a plan that reads them."""
         self.sequences.apply(plan)
-        self.runner.sampling_batch.apply(plan)
-        self.runner.grammars.apply(plan)
+        if self.stage.is_last:  # only the last stage draws
+            self.runner.sampling_batch.apply(plan)
+            self.runner.grammars.apply(plan)
         if plan.block_copies:
             self.runner.kv_pool.copy_blocks(plan.block_copies)
-        if plan.chunks:
-            output = self.runner.execute(plan, self.sequences, with_logprobs=self.rank == 0)
+        if not plan.chunks:
+            output = StepOutput([]) if self.stage.is_last else None
         else:
-            output = StepOutput([])
+            output = self.runner.execute(plan, self.sequences, with_logprobs=self.tp_rank == 0,
+                                         intermediate=intermediate)
+        if not self.stage.is_last:
+            return output
         # Every rank draws (same logits, same counter-based randomness, so the same tokens): each then knows
         # the tokens that fill the next step's pending inputs without a broadcast.
-        self.sequences.record_samples(plan, output.token_ids)
-        return output if self.rank == 0 else None
+        self.record_samples(plan, output.token_ids)
+        return output if self.tp_rank == 0 else None
+
+    def run_step(self, plan: StepPlan) -> StepOutput | None:
+        """A step as the executors send it: a pipeline stage first takes the previous stage's output for it, and
+        hands its own to the next; only the last stage answers with tokens (its first rank)."""
+        if self.stage_link is None:
+            return self.execute(plan)
+        output = self.execute(plan, self.stage_link.receive(plan))
+        if not self.stage.is_last:
+            self.stage_link.send(output)
+            return None
+        return output
+
+    def record_samples(self, plan: StepPlan, token_ids: list[int]) -> None:
+        """Appends the tokens drawn for `plan`'s sampling chunks (in their order) to their sequences; a non-last
+        pipeline stage is given the last stage's, so the pending tokens of later plans can be filled."""
+        self.sequences.record_samples(plan, token_ids)
 
     def num_sequences(self) -> int:
         """How many sequences this worker holds state for (all are dropped once their requests end)."""

@@ -136,7 +136,7 @@ def layout_problems(raw: dict[str, Any], prepared: dict[str, Any], repo_root: Pa
 
 
 def test_the_cloud_configs_are_there() -> None:
-    assert {"aws.yaml", "gcp.yaml"} <= {p.name for p in CONFIGS}
+    assert {"aws.yaml", "gcp.yaml", "aws-llama3-70b-pp.yaml"} <= {p.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -164,6 +164,23 @@ def test_autoscaler_puts_engine_work_on_gpu_workers_only(path: Path) -> None:
     to_add, unplaced = get_nodes_for(types, {head: 1}, head, config["max_workers"], demands, scorer)
     assert dict(to_add) == {gpu: cap}
     assert unplaced == [{"GPU": 1}], "the replica beyond max_workers must stay pending"
+
+
+def test_pipeline_config_keeps_one_tp4_x_pp2_replica_warm_on_two_nodes() -> None:
+    """Llama-3-70B at TP=4 x PP=2: a stage's 4 GPUs on one node, the two stages on two nodes. Ray's bin packing
+    must need exactly two of the GPU nodes for one replica, whether its 8 ranks ask for a GPU each or its two
+    stages for 4 GPUs each, and min_workers must keep those two nodes up."""
+    _, config = load_cluster_config(CLUSTER_DIR / "aws-llama3-70b-pp.yaml")
+    types, head = config["available_node_types"], config["head_node_type"]
+    (gpu,) = _gpu_types(config)
+    assert types[gpu]["resources"]["GPU"] == 4
+    assert types[gpu]["min_workers"] == 2
+    assert config["max_workers"] % 2 == 0, "a replica takes two whole nodes"
+    scorer = functools.partial(_default_utilization_scorer,
+                               node_availability_summary=NodeAvailabilitySummary(node_availabilities={}))
+    for replica in ([{"GPU": 1}] * 8, [{"GPU": 4}] * 2):
+        to_add, unplaced = get_nodes_for(types, {head: 1}, head, config["max_workers"], replica, scorer)
+        assert (dict(to_add), unplaced) == ({gpu: 2}, []), replica
 
 
 # ----------------------------------------------------------------------------- the checks catch broken files

@@ -74,7 +74,8 @@ class GemmaModel(LlamaModel):
 
     def __init__(self, spec: ModelSpec, max_len: int) -> None:
         super().__init__(spec, max_len)
-        self.embedding_multiplier = embedding_normalizer(spec.hidden_size, self.embed_tokens.weight.dtype)
+        if self.stage.is_first:  # later pipeline stages hold no embedding to scale
+            self.embedding_multiplier = embedding_normalizer(spec.hidden_size, self.embed_tokens.weight.dtype)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

@@ -1,5 +1,9 @@
 """Llama-family decoder (Llama, Mistral, Qwen2, Granite): pre-norm blocks, GQA attention with rotary, SwiGLU MLP.
 
+Built for this process's pipeline stage (`pipeline_stage`): only the stage's decoder layers, the embedding on the
+first stage, the final norm and LM head on the last; a non-last stage's forward returns an `IntermediateState`,
+a later stage's takes one. With one stage (the default) the model is the whole model, as before.
+
 Granite is this model plus the scalar multipliers of `ModelSpec` (embedding, residual, attention scale, logits
 divisor), which are 1 / default for the other families; the soft-caps of `ModelSpec` (Gemma 2) apply here too.
 Qwen3, Olmo2 and Gemma subclass the pieces here (see
@@ -17,6 +21,8 @@ from rayinfer.workers.layers.linear import MergedColumnParallelLinear, QKVParall
 from rayinfer.workers.layers.norm import RMSNorm
 from rayinfer.workers.layers.rotary import RotaryEmbedding
 from rayinfer.workers.model_config import ModelSpec
+from rayinfer.workers.models.pipeline import IntermediateState, MissingLayer, stage_layers
+from rayinfer.workers.parallel_state import pipeline_stage
 
 RopeTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos table, sin table, row per token
 
@@ -113,25 +119,41 @@ class LlamaModel(nn.Module):
 
     def __init__(self, spec: ModelSpec, max_len: int) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size)
+        self.stage = stage = pipeline_stage(spec.num_layers)
+        first, last = stage.is_first, stage.is_last
+        self.embed_tokens = VocabParallelEmbedding(spec.vocab_size, spec.hidden_size) if first else MissingLayer()
         self.embedding_multiplier = spec.embedding_multiplier
-        self.layers = nn.ModuleList(self.layer_cls(spec, i) for i in range(spec.num_layers))
-        self.norm = self.norm_cls(spec.hidden_size, spec.rms_norm_eps)
+        self.layers = stage_layers(stage, spec.num_layers, lambda i: self.layer_cls(spec, i))
+        # A plain tuple, not a registered module: the forward walks only these, without slicing per step.
+        self.own_layers = tuple(self.layers[stage.first_layer : stage.end_layer])
+        self.norm = self.norm_cls(spec.hidden_size, spec.rms_norm_eps) if last else MissingLayer()
         self.rotary_emb = RotaryEmbedding(spec.rope, max_len)
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, intermediate: IntermediateState | None = None
+    ) -> torch.Tensor | IntermediateState:
+        """The final hidden states on the last stage, else this stage's `IntermediateState`; `intermediate` is the
+        previous stage's (every stage but the first; the first reads `input_ids`)."""
         rope = self.rotary_emb(meta.positions, meta.rope_lengths)
-        x, residual = self.embed_tokens(input_ids), None
-        if self.embedding_multiplier != 1.0:
-            x = x * self.embedding_multiplier
-        for layer in self.layers:
+        if self.stage.is_first:
+            x, residual = self.embed_tokens(input_ids), None
+            if self.embedding_multiplier != 1.0:
+                x = x * self.embedding_multiplier
+        elif intermediate is None:
+            raise ValueError(f"pipeline stage {self.stage.index} needs the previous stage's IntermediateState")
+        else:
+            x, residual = intermediate.hidden, intermediate.residual
+        for layer in self.own_layers:
             x, residual = layer(x, residual, rope, meta)
+        if not self.stage.is_last:
+            return IntermediateState(x, residual)
         x, _ = self.norm(x, residual)
         return x
 
 
 class LlamaForCausalLM(nn.Module):
     model_cls: type[LlamaModel] = LlamaModel
+    supports_pipeline_parallel = True  # builds only its pipeline stage's parts (see LlamaModel)
     # Checkpoint names that land inside one of our merged parameters, and which part of it they fill.
     packed_modules = {
         "q_proj": ("qkv_proj", "q"),
@@ -145,18 +167,30 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.spec = spec
         self.model = self.model_cls(spec, max_len)
-        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size)
-        if spec.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        stage = self.model.stage
+        self.lm_head = ParallelLMHead(spec.vocab_size, spec.hidden_size) if stage.is_last else MissingLayer()
+        # Checkpoint name (after renames) of the tensor the LM head loads instead of lm_head.weight: with tied
+        # embeddings on a last stage that is not also the first, the embedding it would share is not here.
+        self.lm_head_source: str | None = None
+        if spec.tie_word_embeddings and stage.is_last:
+            if stage.is_first:
+                self.lm_head.weight = self.model.embed_tokens.weight
+            else:
+                self.lm_head_source = "model.embed_tokens.weight"
 
     @property
     def uses_dynamic_rope(self) -> bool:
         return self.model.rotary_emb.is_dynamic
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, meta)
+    def forward(
+        self, input_ids: torch.Tensor, meta: AttentionMetadata, intermediate: IntermediateState | None = None
+    ) -> torch.Tensor | IntermediateState:
+        return self.model(input_ids, meta, intermediate)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if not self.model.stage.is_last:
+            stage = self.model.stage
+            raise RuntimeError(f"pipeline stage {stage.index} of {stage.count} has no LM head; the last one has")
         logits = self.lm_head.compute_logits(hidden)
         if self.spec.logits_divisor != 1.0:  # Granite's logits_scaling
             logits = logits / self.spec.logits_divisor

@@ -9,6 +9,8 @@ the same on both.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -45,3 +47,24 @@ class StageLink:
         if self.next_rank is None or state is None:
             return
         dist.send(torch.cat([state.hidden, state.residual], dim=1).contiguous(), dst=self.next_rank)
+
+
+@dataclass
+class StageTiming:
+    """How long a stage computed over the steps since it was made, and the span they covered (first start to last
+    end): busy_s / span_s is the stage's busy share; the rest it waited (for a plan or the previous stage)."""
+
+    busy_s: float = 0.0
+    first_start: float | None = None
+    last_end: float = 0.0
+    steps: int = 0
+
+    def add(self, start: float, end: float) -> None:
+        self.first_start = start if self.first_start is None else self.first_start
+        self.busy_s += end - start
+        self.last_end = end
+        self.steps += 1
+
+    @property
+    def span_s(self) -> float:
+        return 0.0 if self.first_start is None else self.last_end - self.first_start

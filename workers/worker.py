@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from rayinfer.workers.cuda_graphs import DecodeGraphs
 from rayinfer.workers.model_runner import ModelRunner
 from rayinfer.workers.models.pipeline import IntermediateState
 from rayinfer.workers.parallel_state import PipelineStage, set_pipeline_stage, set_tensor_parallel_group
-from rayinfer.workers.stage_link import StageLink
+from rayinfer.workers.stage_link import StageLink, StageTiming
 from rayinfer.workers.device import resolve_device, resolve_dtype, use_cpu_cores
 from rayinfer.workers.weight_loader import build_model
 
@@ -105,6 +106,7 @@ class Worker:
         self.tp_size = config.tensor_parallel_size if self.stage.count > 1 else world_size
         self.tp_rank = rank % self.tp_size
         self.stage_link: StageLink | None = None
+        self.stage_timing = StageTiming()
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, spec, self.device)
         self.kv_cache_dtype = kv_cache_storage_dtype(config.kv_cache_dtype, self.dtype)
@@ -306,11 +308,22 @@ class Worker:
         hands its own to the next; only the last stage answers with tokens (its first rank)."""
         if self.stage_link is None:
             return self.execute(plan)
-        output = self.execute(plan, self.stage_link.receive(plan))
+        intermediate = self.stage_link.receive(plan)
+        started = time.perf_counter()
+        output = self.execute(plan, intermediate)
+        self.stage_timing.add(started, time.perf_counter())
         if not self.stage.is_last:
             self.stage_link.send(output)
             return None
         return output
+
+    def stage_timings(self) -> tuple[float, float, int]:
+        """(seconds computing, seconds since the first step timed began, steps) since the last reset: a pipeline
+        stage's busy share, whose complement is its bubble (scripts/bench_pipeline.py)."""
+        return self.stage_timing.busy_s, self.stage_timing.span_s, self.stage_timing.steps
+
+    def reset_stage_timings(self) -> None:
+        self.stage_timing = StageTiming()
 
     def record_samples(self, plan: StepPlan, token_ids: list[int]) -> None:
         """Appends the tokens drawn for `plan`'s sampling chunks (in their order) to their sequences; a non-last

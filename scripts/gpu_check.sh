@@ -11,13 +11,15 @@
 #   struct   structured outputs: the grammar-mask tests on CUDA and scripts/bench_structured.py (batch 1 and 64);
 #            needs xgrammar, from wheels in .whl (pip download xgrammar apache-tvm-ffi for the device's Python)
 #   tests    the GPU-marked tests and the model-coverage tests on CUDA
+#   pp       scripts/pp_stage_check.py: two pipeline stages as two processes sharing the GPU over NCCL give the
+#            one-process tokens; the per-step hand-off cost (last: it proves a path rather than timing a feature)
 # Usage: scripts/gpu_check.sh [BUDGET_SECONDS] [STAGES]  (default 520 s; stages comma-separated, default all).
 # Logs and JSON go to $OUT (the device tool's output folder) or ./gpu-out. Needs no Ray or FastAPI: the engine
 # runs in-process; pydantic comes from wheels in .whl when the machine lacks it.
 set -u
 cd "$(dirname "$0")/.."
 BUDGET=${1:-520}
-STAGES=${2:-smoke,build,thru,decode,peer,kernels,quant,struct,tests}
+STAGES=${2:-smoke,build,thru,decode,peer,kernels,quant,struct,tests,pp}
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -103,6 +105,13 @@ if want tests; then
         tests/workers/test_worker.py tests/workers/test_sampler.py
     run coverage 120 python3 -m pytest -q -p no:cacheprovider --timeout 120 -n 8 \
         tests/workers/models/test_model_coverage.py tests/workers/models/test_moe.py tests/e2e/test_triton_path.py
+fi
+if want pp; then
+    # Both stages on the one GPU: NCCL before 2.30 refuses that ("Duplicate GPU detected", shown by NCCL_DEBUG=WARN);
+    # the script sets NCCL_MULTI_RANK_GPU_ENABLE=1, which 2.30 and later need for it.
+    run pp 150 env NCCL_DEBUG=WARN python3 scripts/pp_stage_check.py --device cuda --pp 2 --size llama-56m \
+        --partition 5,3 --seqs 8 --prompt-len 120 --decode-steps 16 --p2p-tokens 1,512,2048,8192 --timeout 120 \
+        --json "$OUT/pp_stage_check.json"
 fi
 echo "== done in $(($(date +%s) - START)) s"
 cat "$OUT/summary.txt"

@@ -127,7 +127,9 @@ class Worker:
 
     def init_distributed(self, host: str, port: int) -> None:
         if self.world_size > 1:
-            if self.device.type == "cuda":
+            if self.device.type == "cuda" and self.device.index is not None:
+                # "cuda" without an index is the current device already (Ray shows each worker its own GPU), and
+                # set_device refuses an unindexed device.
                 torch.cuda.set_device(self.device)
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(

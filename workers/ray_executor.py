@@ -144,7 +144,7 @@ class RayExecutor(Executor):
         except GetTimeoutError:
             remove_placement_group(group)
             raise ValueError(
-                f"tensor_parallel_size: the cluster cannot place {len(self.bundles)} workers of {self.bundles[0]} "
+                f"{self._what_is_placed()} "
                 f"{PLACEMENT_NEEDS[strategy]} (placement_strategy {strategy}) within {PLACEMENT_TIMEOUT_S:.0f}s"
             ) from None
         return group, True
@@ -187,6 +187,13 @@ class RayExecutor(Executor):
             raise WorkerGroupFailure(f"starting the worker group failed: {exc}") from exc
         logger.info("engine %s: %d workers up (generation %d), %d KV blocks", self.engine_id, world, self.generation, num_blocks)
         return num_blocks
+
+    def _what_is_placed(self) -> str:
+        tp, pp = self.config.tensor_parallel_size, self.config.pipeline_parallel_size
+        if pp > 1:
+            return (f"pipeline_parallel_size: the cluster cannot place {pp} stages of {self.bundles[0]} ({tp} "
+                    f"workers each)")
+        return f"tensor_parallel_size: the cluster cannot place {len(self.bundles)} workers of {self.bundles[0]}"
 
     def _stage_of(self, rank: int) -> PipelineStage:
         tp, pp = self.config.tensor_parallel_size, self.config.pipeline_parallel_size

@@ -12,12 +12,13 @@ pytest.importorskip("ray.serve", reason="installed with the 'serve' extra")
 from rayinfer.cluster.serve_config import APP_BUILDER, load_serve_config  # noqa: E402
 from rayinfer.configs import EngineConfig  # noqa: E402
 
-SERVE_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs" / "serve").glob("*.yaml"))
+SERVE_DIR = Path(__file__).resolve().parents[2] / "configs" / "serve"
+SERVE_CONFIGS = sorted(SERVE_DIR.glob("*.yaml"))
 
 
-def test_there_are_configs_for_cpu_one_gpu_and_tensor_parallel() -> None:
+def test_there_are_configs_for_cpu_one_gpu_tensor_and_pipeline_parallel() -> None:
     names = {path.stem for path in SERVE_CONFIGS}
-    assert {"demo", "llama3-8b", "llama3-70b"} <= names
+    assert {"demo", "llama3-8b", "llama3-70b", "llama3-70b-pp"} <= names
 
 
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.stem)
@@ -83,6 +84,31 @@ def test_serve_run_builds_the_application_from_the_file(path: Path) -> None:
     args["model"] = args.get("model") or "tiny"
     app = call_user_app_builder_with_args_if_necessary(app_builder, args)
     assert isinstance(app, Application)
+
+
+def test_pipeline_config_asks_for_one_4_gpu_node_per_stage_of_its_cluster() -> None:
+    """llama3-70b-pp.yaml on configs/cluster/aws-llama3-70b-pp.yaml: each replica's placement group (as Serve gets
+    it from the built application) is one {GPU: 4} bundle per stage on nodes of their own, each bundle one whole
+    GPU node of the cluster, and the replicas fit the cluster's nodes (two per replica)."""
+    import yaml
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from rayinfer.cluster.serve_app import app_builder
+
+    config = load_serve_config(SERVE_DIR / "llama3-70b-pp.yaml")
+    args = config.apps[0].args
+    assert (args["tensor_parallel_size"], args["pipeline_parallel_size"]) == (4, 2)
+    app = call_user_app_builder_with_args_if_necessary(app_builder, dict(args))
+    replica = app._bound_deployment._replica_config  # what Serve reserves per replica; no public accessor
+    assert replica.placement_group_bundles == [{"GPU": 4.0}, {"GPU": 4.0}]
+    assert replica.placement_group_strategy in ("SPREAD", "STRICT_SPREAD")
+
+    cluster = yaml.safe_load((SERVE_DIR.parent / "cluster" / "aws-llama3-70b-pp.yaml").read_text())
+    (gpu_node,) = [t for t in cluster["available_node_types"].values() if t["resources"].get("GPU")]
+    assert gpu_node["resources"]["GPU"] == 4, "a stage's bundle is one whole node"
+    scaling = config.apps[0].deployment_options["LLMServer"]["autoscaling_config"]
+    assert 2 * scaling["max_replicas"] <= min(cluster["max_workers"], gpu_node["max_workers"])
+    assert 2 * scaling["min_replicas"] <= gpu_node["min_workers"], "the first replica's nodes stay warm"
 
 
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)

@@ -146,10 +146,12 @@ def stop_cluster(tag: str) -> list[int]:
     return _cluster_processes(tag)
 
 
-@pytest.fixture
+# Module scope: starting the two nodes takes ~13 s, and the tests of a module can share them, each driving the
+# cluster from its own driver process (whose engine gives its placement group back as it shuts down).
+@pytest.fixture(scope="module")
 def two_node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster]:
     """Starts the two nodes ({"node_a": 1} on the head, {"node_b": 1} on the other, 2 CPUs each); stops them after
-    the test and fails it if any of their processes survive."""
+    the module's last test that uses them, and fails it if any of their processes survive."""
     pytest.importorskip("ray", reason="Ray is installed with the 'serve' extra")
     ray_cli = Path(sys.executable).with_name("ray")
     if not ray_cli.exists():

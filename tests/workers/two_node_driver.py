@@ -3,11 +3,12 @@
 Run by tests/workers/test_multinode_placement.py in its own process, because the pytest process may already drive
 the session's local Ray. Generates greedy tokens with the given engine arguments (parallelism, placement strategy),
 then prints one `RESULT {json}` line: the tokens, the Ray node each rank ran on, the node of each bundle of the
-engine's placement group, and the node holding each custom node resource.
+engine's placement group, the node holding each custom node resource, and what each rank answered to the
+worker methods named by --call-workers (before the engine shuts down).
 
     python tests/workers/two_node_driver.py --address <ip>:<port> --model DIR --prompts '[[1, 2]]' \\
         --max-tokens 16 --engine-args '{"tensor_parallel_size": 2, "placement_strategy": "STRICT_SPREAD"}' \\
-        --node-resources node_a node_b
+        --node-resources node_a node_b [--call-workers stage_timings]
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, required=True)
     parser.add_argument("--engine-args", required=True, help="JSON object of engine arguments")
     parser.add_argument("--node-resources", nargs="+", required=True)
+    parser.add_argument("--call-workers", nargs="*", default=[], help="Worker methods (no arguments) to report")
     args = parser.parse_args()
 
     ray.init(address=args.address, log_to_driver=False)
@@ -41,6 +43,7 @@ def main() -> None:
         outputs = llm.generate(prompts, params, use_tqdm=False)
         executor = llm.engine.executor
         worker_nodes = executor.call_workers("node_id")
+        worker_calls = {method: executor.call_workers(method) for method in args.call_workers}
         bundles = placement_group_table(executor.placement_group)["bundles_to_node_id"]
     finally:
         llm.shutdown()
@@ -49,6 +52,7 @@ def main() -> None:
         "worker_nodes": worker_nodes,
         "bundle_nodes": [bundles[index] for index in sorted(bundles)],
         "resource_nodes": resource_nodes,
+        "worker_calls": worker_calls,
     }), flush=True)
 
 
